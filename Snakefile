@@ -1,0 +1,22 @@
+# pgolf: the Parameter Golf workflow as file-addressed stages. This file is the index only:
+# helpers live in rules/common.smk, each stage in its own rules/<stage>.smk.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/corpus.smk"
+include: "rules/tokenizer.smk"
+include: "rules/shards.smk"
+include: "rules/scores.smk"
+include: "rules/manifest.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_targets(),

@@ -1,0 +1,85 @@
+# Shared helpers: config validation, result paths, code hashes, seeds.
+from pathlib import Path
+
+from pgolf.codehash import code_hash
+from pgolf.config import validate_config
+
+
+def check_config():
+    """Schema check (fills defaults) plus the cross-section rules the schema cannot say."""
+    files = workflow.configfiles
+    try:
+        validate_config(
+            config,
+            schema=workflow.source_path("../schemas/config.schema.yaml"),
+            files=files,
+        )
+    except ValueError as err:
+        raise WorkflowError(f"invalid config: {err}") from None
+    corpus, where = config["corpus"], ", ".join(map(str, files))
+    if corpus["source"] in ("text", "jsonl", "shards") and not corpus["path"]:
+        raise WorkflowError(
+            f"{where}: corpus.source={corpus['source']!r} needs corpus.path"
+        )
+    if corpus["source"] == "shards" and not config["tokenizer"]["model"]:
+        raise WorkflowError(f"{where}: corpus.source='shards' needs tokenizer.model")
+
+
+check_config()
+
+RUN = config["run"]
+SEEDS = config["seeds"]
+SRC = Path(workflow.basedir) / "src"
+SCRIPTS = Path(workflow.basedir) / "workflow_scripts"
+
+
+def data(name):
+    """Path of a data-stage output of this run."""
+    return f"results/{RUN}/data/{name}"
+
+
+def log(name):
+    return f"results/{RUN}/logs/{name}.log"
+
+
+def bench(name):
+    return f"results/{RUN}/benchmarks/{name}.tsv"
+
+
+def stage_code(script):
+    """Content hash of a workflow script and the pgolf modules it imports: the rerun trigger."""
+    return code_hash(SCRIPTS / script, src=SRC)
+
+
+def final_targets():
+    return [data("curriculum.parquet"), data("curriculum.png")]
+
+
+# Input functions: what a stage reads depends on the configured source.
+def corpus_inputs(wildcards):
+    source, path = config["corpus"]["source"], config["corpus"]["path"]
+    if source == "demo":
+        bundled = Path(workflow.basedir) / "data"
+        return {"demo": bundled / "sotu.jsonl.xz", "sidecar": bundled / "sotu.json"}
+    if source in ("text", "jsonl"):
+        return {"source": path}
+    return {}  # hf downloads into its own cache
+
+
+def tokenizer_inputs(wildcards):
+    if config["tokenizer"]["model"]:
+        return {"model": config["tokenizer"]["model"]}
+    return {"docs": data("docs.jsonl"), "corpus": data("docs.json")}
+
+
+def shards_inputs(wildcards):
+    if config["corpus"]["source"] == "shards":
+        return {
+            "tokenizer": data("tokenizer.model"),
+            "upstream": config["corpus"]["path"],
+        }
+    return {
+        "tokenizer": data("tokenizer.model"),
+        "docs": data("docs.jsonl"),
+        "corpus": data("docs.json"),
+    }

@@ -1,0 +1,47 @@
+"""The `pgolf` command: inspect shards and check configs without running the workflow."""
+
+import argparse
+import sys
+
+import numpy as np
+
+
+def shard_info(paths: list[str], bos_id: int) -> None:
+    from pgolf.data.shards import read_shard
+
+    for path in paths:
+        tokens = read_shard(path)
+        docs = int(np.count_nonzero(tokens == bos_id))
+        top = int(tokens.max()) if len(tokens) else None
+        print(f"{path}: {len(tokens)} tokens, {docs} documents (BOS={bos_id}), max id {top}")
+
+
+def check_config(paths: list[str]) -> None:
+    from pgolf.config import load_config
+
+    config = load_config(*paths)
+    print(f"{', '.join(paths)}: valid (run {config['run']!r}, seeds {config['seeds']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pgolf", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("shard-info", help="validate upstream-format shards and count tokens")
+    info.add_argument("paths", nargs="+")
+    info.add_argument("--bos-id", type=int, default=1)
+    check = sub.add_parser("check-config", help="validate config files (merged in order)")
+    check.add_argument("paths", nargs="+")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "shard-info":
+            shard_info(args.paths, args.bos_id)
+        else:
+            check_config(args.paths)
+    except ValueError as err:
+        print(f"pgolf: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

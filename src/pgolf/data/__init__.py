@@ -1,0 +1,1 @@
+"""Data stages: corpus, tokenizer, shards, window scores, curriculum manifest."""

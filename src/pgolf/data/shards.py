@@ -1,0 +1,123 @@
+"""The upstream token-shard format: read, write, validate, and the shards.json summary.
+
+A shard is a header of 256 little-endian int32 (magic 20240520, version 1, token count, zeros)
+followed by that many little-endian uint16 token ids. Documents are BOS + tokens (no EOS) and run
+across shard boundaries; splits never share a shard.
+"""
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pgolf.io import atomic_path
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+MAX_VOCAB = 65535  # ids must fit uint16; the issue's bound for a shard vocabulary
+SPLITS = ("val", "train")
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:06d}.bin"
+
+
+def shard_bytes(tokens: np.ndarray) -> bytes:
+    """The exact bytes of a shard holding `tokens`."""
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, VERSION, len(tokens))
+    return header.tobytes() + np.asarray(tokens).astype("<u2", copy=False).tobytes()
+
+
+def write_shard(path: str | Path, tokens: np.ndarray) -> str:
+    """Write one shard atomically; return the sha256 of its bytes."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > 65535):
+        raise ValueError(f"{path}: token ids must fit uint16, got range "
+                         f"[{tokens.min()}, {tokens.max()}]")
+    if len(tokens) > np.iinfo(np.int32).max:
+        raise ValueError(f"{path}: {len(tokens)} tokens do not fit the int32 header count")
+    data = shard_bytes(tokens)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_header(path: str | Path) -> int:
+    """Validate a shard's header and size; return its token count."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"shard {path}: no such file")
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ValueError(f"shard {path}: truncated header ({size} bytes, need {HEADER_BYTES})")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != MAGIC:
+        raise ValueError(f"shard {path}: wrong magic {header[0]} (expected {MAGIC})")
+    if header[1] != VERSION:
+        raise ValueError(f"shard {path}: unsupported version {header[1]} (expected {VERSION})")
+    count = int(header[2])
+    expected = HEADER_BYTES + 2 * count
+    if count < 0 or size != expected:
+        raise ValueError(f"shard {path}: size {size} bytes does not match header token count "
+                         f"{count} (expected {expected}); truncated or corrupt")
+    return count
+
+
+def read_shard(path: str | Path) -> np.memmap:
+    """Memory-map a validated shard's tokens (read-only uint16)."""
+    count = read_header(path)
+    if count == 0:
+        return np.zeros(0, dtype="<u2")
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+@dataclass
+class SplitStats:
+    """Per split counts for shards.json. bpb_bytes is what BPB divides by (tokenizer.count_bytes);
+    text_bytes is the documents' raw UTF-8 size (NFKC normalisation can make the two differ)."""
+
+    docs: int = 0
+    tokens: int = 0
+    bpb_bytes: int = 0
+    text_bytes: int | None = 0
+    shards: list[dict] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        per_token = self.bpb_bytes / self.tokens if self.tokens else None
+        return {"docs": self.docs, "tokens": self.tokens, "bpb_bytes": self.bpb_bytes,
+                "text_bytes": self.text_bytes, "bytes_per_token": per_token,
+                "shards": self.shards}
+
+
+class ShardWriter:
+    """Cuts one split's token stream into fixed-size shards; documents may span two shards."""
+
+    def __init__(self, directory: Path, split: str, shard_tokens: int, stats: SplitStats):
+        self.directory, self.split, self.stats = Path(directory), split, stats
+        self.buffer = np.empty(shard_tokens, dtype="<u2")
+        self.filled = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            take = min(len(tokens), len(self.buffer) - self.filled)
+            self.buffer[self.filled:self.filled + take] = tokens[:take]
+            self.filled += take
+            tokens = tokens[take:]
+            if self.filled == len(self.buffer):
+                self.flush()
+
+    def flush(self) -> None:
+        if self.filled == 0:
+            return
+        name = shard_name(self.split, len(self.stats.shards))
+        digest = write_shard(self.directory / name, self.buffer[:self.filled])
+        self.stats.shards.append({"file": name, "tokens": self.filled, "sha256": digest})
+        self.filled = 0
+
+
+def list_shards(directory: str | Path, split: str) -> list[Path]:
+    return sorted(Path(directory).glob(f"{split}_*.bin"))

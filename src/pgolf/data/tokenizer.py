@@ -1,0 +1,202 @@
+"""SentencePiece tokenizer with upstream's options, and the byte accounting BPB is computed with."""
+
+import io
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from pgolf.data.corpus import read_jsonl, val_split
+from pgolf.data.shards import MAX_VOCAB
+from pgolf.io import read_json, require_file, write_bytes, write_json
+from pgolf.provenance import Provenance
+
+# Upstream's data/download_hf_docs_and_tokenize.py trainer arguments (parameter-golf.md 2.4).
+UPSTREAM_OPTIONS = dict(
+    model_type="bpe",
+    byte_fallback=True,
+    split_digits=True,
+    normalization_rule_name="nmt_nfkc",
+    add_dummy_prefix=False,
+    pad_id=0,
+    bos_id=1,
+    eos_id=2,
+    unk_id=3,
+    hard_vocab_limit=False,
+)
+
+
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    vocab_size: int = 1024
+    train_docs: int | None = None
+    include_val: bool = False
+    model: str | None = None
+    character_coverage: float = 0.999
+    max_sentence_length: int = 4192
+    split_long_docs: bool = True
+    input_sentence_size: int = 0
+
+
+def training_sentences(docs: Iterable[str], *, max_bytes: int, split: bool) -> Iterator[str]:
+    """Upstream's sentence iterator (NUL -> space, strip, skip empties), optionally split.
+
+    SentencePiece silently skips sentences longer than max_sentence_length bytes; upstream feeds
+    whole documents, so long ones never reach its trainer. With `split`, a long document is cut at
+    spaces into pieces that fit, so all of its text is seen.
+    """
+    for doc in docs:
+        text = doc.replace("\x00", " ").strip()
+        if not text:
+            continue
+        if not split or len(text.encode("utf-8")) <= max_bytes:
+            yield text
+            continue
+        yield from _pieces(text, max_bytes)
+
+
+def _pieces(text: str, max_bytes: int) -> Iterator[str]:
+    # Characters take at most 4 UTF-8 bytes, so max_bytes // 4 characters always fit.
+    width = max(1, max_bytes // 4)
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + width)
+        if end < len(text):
+            cut = text.rfind(" ", start + 1, end)
+            end = cut if cut > start else end
+        piece = text[start:end].strip()
+        if piece:
+            yield piece
+        start = end
+
+
+def train_tokenizer(docs: Iterable[str], out: str | Path, *, cfg: TokenizerConfig,
+                    threads: int = 1) -> spm.SentencePieceProcessor:
+    """Train a BPE model on `docs` with upstream's options; write it atomically to `out`."""
+    check_vocab_size(cfg.vocab_size, where="tokenizer.vocab_size")
+    if cfg.train_docs is not None:
+        docs = itertools.islice(docs, cfg.train_docs)
+    sentences = training_sentences(docs, max_bytes=cfg.max_sentence_length,
+                                   split=cfg.split_long_docs)
+    first = next(sentences, None)
+    if first is None:
+        raise ValueError("tokenizer: no non-empty training documents")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=itertools.chain([first], sentences),
+        model_writer=model,
+        vocab_size=cfg.vocab_size,
+        character_coverage=cfg.character_coverage,
+        max_sentence_length=cfg.max_sentence_length,
+        input_sentence_size=cfg.input_sentence_size,
+        shuffle_input_sentence=cfg.input_sentence_size > 0,
+        num_threads=threads,
+        minloglevel=1,
+        **UPSTREAM_OPTIONS,
+    )
+    write_bytes(out, model.getvalue())
+    return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def load_tokenizer(path: str | Path, *,
+                   vocab_size: int | None = None) -> spm.SentencePieceProcessor:
+    """Load a .model file and check it can write upstream shards (uint16 ids, a BOS id)."""
+    path = require_file(path, "tokenizer model")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as err:
+        raise ValueError(f"tokenizer model {path}: not a SentencePiece model ({err})") from None
+    check_vocab_size(sp.vocab_size(), where=f"tokenizer model {path}")
+    if vocab_size is not None and sp.vocab_size() != vocab_size:
+        raise ValueError(f"tokenizer model {path} has vocab size {sp.vocab_size()}, "
+                         f"but the config says tokenizer.vocab_size={vocab_size}")
+    if sp.bos_id() < 0:
+        raise ValueError(f"tokenizer model {path}: no BOS id; upstream shards start every "
+                         "document with BOS")
+    return sp
+
+
+def check_vocab_size(vocab_size: int, *, where: str) -> None:
+    if not 1 <= vocab_size <= MAX_VOCAB:
+        raise ValueError(f"{where}: vocab size {vocab_size} does not fit uint16 shards "
+                         f"(1..{MAX_VOCAB})")
+
+
+def describe(sp: spm.SentencePieceProcessor) -> dict:
+    """The facts a sidecar should record about a tokenizer."""
+    return {"vocab_size": sp.vocab_size(), "bos_id": sp.bos_id(), "eos_id": sp.eos_id(),
+            "pad_id": sp.pad_id(), "unk_id": sp.unk_id(),
+            "byte_pieces": int(sum(sp.is_byte(i) for i in range(sp.vocab_size())))}
+
+
+@dataclass(frozen=True)
+class ByteLUT:
+    """Per token id: UTF-8 bytes of the piece without its leading space, the leading-space flag,
+    and whether the token is a boundary (control, unknown, unused, or beyond the vocabulary)."""
+
+    base_bytes: np.ndarray
+    has_leading_space: np.ndarray
+    is_boundary: np.ndarray
+
+    @classmethod
+    def from_tokenizer(cls, sp: spm.SentencePieceProcessor, table_size: int | None = None):
+        size = max(table_size or 0, sp.vocab_size())
+        base = np.zeros(size, dtype=np.int64)
+        lead = np.zeros(size, dtype=bool)
+        boundary = np.ones(size, dtype=bool)
+        for i in range(sp.vocab_size()):
+            if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+                continue
+            boundary[i] = False
+            if sp.is_byte(i):
+                base[i] = 1
+                continue
+            piece = sp.id_to_piece(i)
+            if piece.startswith("\u2581"):
+                lead[i] = True
+                piece = piece[1:]
+            base[i] = len(piece.encode("utf-8"))
+        return cls(base, lead, boundary)
+
+
+def count_bytes(tokens: np.ndarray, lut: ByteLUT, *, prev: int | None = None) -> np.ndarray:
+    """Bytes charged to each token of a stream when predicted, as upstream's BPB charges them.
+
+    bytes(y_t) = base_bytes[y_t] + (has_leading_space[y_t] and not is_boundary[x_t]), x_t the token
+    before y_t. `prev` is the token before tokens[0]; None treats it as a boundary (BOS).
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    before = np.empty_like(tokens)
+    if len(tokens):
+        before[0] = prev if prev is not None else -1
+        before[1:] = tokens[:-1]
+    prev_boundary = np.where(before >= 0, lut.is_boundary[np.maximum(before, 0)], True)
+    return lut.base_bytes[tokens] + (lut.has_leading_space[tokens] & ~prev_boundary)
+
+
+def docs_for_training(docs: Iterable[str], *, val_docs: int, include_val: bool) -> Iterator[str]:
+    """Upstream trains on the first documents of the file, val included; pgolf by default skips
+    the first `val_docs` so that the tokenizer never sees validation text."""
+    return iter(docs) if include_val else itertools.islice(docs, val_docs, None)
+
+
+def build_tokenizer(cfg: TokenizerConfig, *, docs: str | None, corpus: str | None,
+                    val_docs: int | None, out: Path, meta: Path, threads: int = 1,
+                    provenance: Provenance | None = None) -> spm.SentencePieceProcessor:
+    """The tokenizer stage: copy a provided model, or train one; write tokenizer.json beside it."""
+    if cfg.model:
+        sp = load_tokenizer(cfg.model, vocab_size=cfg.vocab_size)
+        write_bytes(out, Path(cfg.model).read_bytes())
+        trained_on = None
+    else:
+        split = val_split(val_docs, read_json(corpus))
+        texts = docs_for_training(read_jsonl(docs), val_docs=split, include_val=cfg.include_val)
+        sp = train_tokenizer(texts, out, cfg=cfg, threads=threads)
+        trained_on = {"docs": str(docs), "skipped_val_docs": 0 if cfg.include_val else split,
+                      "train_docs": cfg.train_docs, "options": UPSTREAM_OPTIONS}
+    write_json(meta, {**describe(sp), "trained_on": trained_on,
+                      "provenance": provenance.record() if provenance else None})
+    return sp
