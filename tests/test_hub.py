@@ -19,7 +19,8 @@ from pgolf.data.hub import HubConfig, fetch_docs
 
 REPO = "someone/parameter-golf"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-DOCS = ["first document", "zweites Dokument: Grüße", "третий документ", "第四个文档 ✓", "fifth\nline"]
+DOCS = ["first document", "zweites Dokument: Grüße", "третий документ", "第四个文档 ✓",
+        "  fifth, over\ntwo lines\n"]
 
 
 class FakeHub:
@@ -83,7 +84,7 @@ def hub(monkeypatch, tmp_path):
     fake = FakeHub()
     server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(fake))
     fake.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield fake
     server.shutdown()
@@ -94,8 +95,8 @@ def hub(monkeypatch, tmp_path):
 def publish(hub: FakeHub, docs: list[str], **sidecar) -> bytes:
     """Serve `docs` as datasets/docs_selected.jsonl with a matching sidecar (overridable)."""
     data = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in docs).encode()
-    sidecar = {"num_docs": len(docs), "docs_val": 2, "docs_sha256": hashlib.sha256(data).hexdigest(),
-               "shuffle_seed": 1337, **sidecar}
+    sidecar = {"num_docs": len(docs), "docs_val": 2,
+               "docs_sha256": hashlib.sha256(data).hexdigest(), "shuffle_seed": 1337, **sidecar}
     hub.files["datasets/docs_selected.jsonl"] = data
     hub.files["datasets/docs_selected.source_manifest.json"] = json.dumps(sidecar).encode()
     return data
@@ -107,7 +108,8 @@ def hub_config(hub: FakeHub, tmp_path: Path, **kw) -> HubConfig:
 
 def build(hub: FakeHub, tmp_path: Path, **kw) -> dict:
     cfg = CorpusConfig(source="hf", hf=hub_config(hub, tmp_path, **kw))
-    return build_corpus(cfg, demo=Path(""), out=tmp_path / "docs.jsonl", meta=tmp_path / "docs.json")
+    return build_corpus(cfg, demo=Path(""), out=tmp_path / "docs.jsonl",
+                        meta=tmp_path / "docs.json")
 
 
 def test_hf_source_downloads_and_writes_corpus(hub, tmp_path):
@@ -144,7 +146,7 @@ def test_sha_mismatch_is_rejected(hub, tmp_path):
 def test_missing_file_on_hub_names_repo_and_file(hub, tmp_path):
     publish(hub, DOCS)
     del hub.files["datasets/docs_selected.jsonl"]
-    with pytest.raises(ValueError, match=rf"{REPO}.*datasets/docs_selected\.jsonl"):
+    with pytest.raises(ValueError, match=rf"{REPO}.*no file datasets/docs_selected\.jsonl"):
         fetch_docs(hub_config(hub, tmp_path))
     assert ("HEAD", f"/datasets/{REPO}/resolve/main/datasets/docs_selected.jsonl") in hub.requests
 
@@ -164,3 +166,17 @@ def test_revision_is_requested(hub, tmp_path):
     assert docs.read_bytes() == hub.files["datasets/docs_selected.jsonl"]
     assert ("GET", f"/datasets/{REPO}/resolve/v1/datasets/docs_selected.jsonl") in hub.requests
     assert not any("/resolve/main/" in path for _, path in hub.requests)
+
+
+def test_unreachable_hub_is_not_reported_as_missing_file(hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    publish(hub, DOCS)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the hub cannot be asked at all
+    with pytest.raises(ValueError) as err:
+        fetch_docs(hub_config(hub, tmp_path))
+    message = str(err.value)
+    assert REPO in message and "datasets/docs_selected.source_manifest.json" in message
+    assert "offline mode" in message
+    assert "no file" not in message
+    assert hub.requests == []

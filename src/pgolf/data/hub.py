@@ -21,7 +21,7 @@ class HubConfig:
 def download(cfg: HubConfig, filename: str) -> Path:
     # Imported here: huggingface_hub is only needed for this source.
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         path = hf_hub_download(
@@ -33,6 +33,12 @@ def download(cfg: HubConfig, filename: str) -> Path:
             endpoint=cfg.endpoint,
             cache_dir=cfg.cache_dir,
         )
+    except LocalEntryNotFoundError as err:
+        # The hub could not be asked (no network, offline mode, not a hub endpoint) and the cache
+        # has no copy. This subclasses EntryNotFoundError, but says nothing about the file.
+        remote = f"{cfg.remote_root}/{filename}"
+        raise ValueError(f"hub dataset {cfg.repo_id}, file {remote}: not in the cache and the hub "
+                         f"could not be asked ({err.__cause__ or err})") from None
     except EntryNotFoundError:
         remote = f"{cfg.remote_root}/{filename}"
         raise ValueError(f"hub dataset {cfg.repo_id}: no file {remote}") from None

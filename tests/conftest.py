@@ -1,0 +1,81 @@
+"""Shared fixtures: real text from the bundled corpus, a tiny real tokenizer, workflow runs."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pgolf.data.corpus import read_jsonl
+from pgolf.data.tokenizer import TokenizerConfig, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "sotu.jsonl.xz"
+WORKFLOW_FILES = ["Snakefile", "config.yaml", "rules", "workflow_scripts", "schemas", "envs",
+                  "profiles", "src", "data"]
+
+
+@pytest.fixture(scope="session")
+def sotu_texts() -> list[str]:
+    """The first 40 addresses of the bundled corpus (about 1.8 MB of real English)."""
+    texts = []
+    for text in read_jsonl(DEMO):
+        texts.append(text)
+        if len(texts) == 40:
+            return texts
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory, sotu_texts) -> Path:
+    """A real SentencePiece model with upstream's options, vocab 384, trained once per session."""
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    train_tokenizer(sotu_texts[5:], path, cfg=TokenizerConfig(vocab_size=384), threads=2)
+    return path
+
+
+def write_jsonl(path: Path, texts) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+class Workflow:
+    """A private copy of the workflow in a temporary folder, driven by the real snakemake CLI."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def write_config(self, config: dict, name: str = "test.yaml") -> Path:
+        path = self.root / name
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def run(self, *args: str, config: str = "test.yaml", check: bool = True):
+        cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", config, *args]
+        result = subprocess.run(cmd, cwd=self.root, capture_output=True, text=True)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def planned(self, *args: str, config: str = "test.yaml") -> dict[str, int]:
+        """Rules a dry run would execute, with their job counts ({} when up to date)."""
+        out = self.run("-n", *args, config=config).stdout
+        if "Nothing to be done" in out:
+            return {}
+        table = out.split("Job stats:")[1].split("total")[0].splitlines()[3:]
+        return {rule: int(n) for rule, n in (line.split() for line in table if line.strip())}
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+
+@pytest.fixture
+def workflow(tmp_path) -> Workflow:
+    for name in WORKFLOW_FILES:
+        src = ROOT / name
+        copy = shutil.copytree if src.is_dir() else shutil.copy2
+        copy(src, tmp_path / name, **({"ignore": shutil.ignore_patterns("__pycache__", "hf_cache")}
+                                      if src.is_dir() else {}))
+    return Workflow(tmp_path)
