@@ -71,11 +71,17 @@ class Workflow:
         return self.root / rel
 
 
-@pytest.fixture
-def workflow(tmp_path) -> Workflow:
+def make_workflow(root: Path) -> Workflow:
+    ignore = shutil.ignore_patterns("__pycache__", "hf_cache")
     for name in WORKFLOW_FILES:
         src = ROOT / name
-        copy = shutil.copytree if src.is_dir() else shutil.copy2
-        copy(src, tmp_path / name, **({"ignore": shutil.ignore_patterns("__pycache__", "hf_cache")}
-                                      if src.is_dir() else {}))
-    return Workflow(tmp_path)
+        if src.is_dir():
+            shutil.copytree(src, root / name, ignore=ignore)
+        else:
+            shutil.copy2(src, root / name)
+    return Workflow(root)
+
+
+@pytest.fixture
+def workflow(tmp_path) -> Workflow:
+    return make_workflow(tmp_path)

@@ -1,0 +1,179 @@
+"""The real workflow, run by the snakemake CLI on a tiny config: outputs, reruns, bad input."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from conftest import Workflow, make_workflow, write_jsonl
+
+from pgolf.data.shards import list_shards
+from pgolf.io import read_json
+
+pytestmark = pytest.mark.slow
+DATA = "results/tiny/data"
+DATA_RULES = {"tokenizer", "shards", "window_scores", "curriculum", "all"}
+
+
+def tiny_config(docs, **overrides):
+    config = {
+        "run": "tiny",
+        "corpus": {"source": "jsonl", "path": str(docs)},
+        "tokenizer": {"vocab_size": 384},
+        "shards": {"val_docs": 3, "shard_tokens": 30_000},
+        "manifest": {"num_buckets": 4},
+        "train": {"seq_len": 64},
+    }
+    for key, value in overrides.items():
+        config[key] = {**config.get(key, {}), **value}
+    return config
+
+
+@pytest.fixture(scope="module")
+def finished_once(tmp_path_factory, sotu_texts):
+    """The tiny run, completed once per module."""
+    workflow = make_workflow(tmp_path_factory.mktemp("finished"))
+    write_jsonl(workflow.root / "docs.jsonl", sotu_texts[:30])
+    workflow.write_config(tiny_config("docs.jsonl"))  # relative: copies keep the same params
+    workflow.run()
+    return workflow
+
+
+@pytest.fixture
+def finished(finished_once, tmp_path):
+    """A private copy of the finished run (results and Snakemake metadata, mtimes kept)."""
+    root = tmp_path / "wf"
+    shutil.copytree(finished_once.root, root, symlinks=True)
+    workflow = Workflow(root)
+    workflow.docs = "docs.jsonl"
+    return workflow
+
+
+def edited(workflow, rel, planned_args=()):
+    """Rules a dry run plans after appending a comment to one source file (then restored)."""
+    path = workflow.path(rel)
+    original = path.read_text()
+    path.write_text(original + "\n# an edit\n")
+    try:
+        return set(workflow.planned(*planned_args))
+    finally:
+        path.write_text(original)
+
+
+def test_full_run_writes_every_data_artifact(finished):
+    data = finished.path(DATA)
+    shards = read_json(data / "shards.json")
+    assert shards["splits"]["val"]["docs"] == 3 and shards["splits"]["train"]["docs"] == 27
+    assert len(list_shards(data / "shards", "train")) > 1
+    manifest = read_json(data / "curriculum.json")
+    assert manifest["num_buckets"] == 4 and manifest["seq_len"] == 64
+    assert manifest["windows"] == sum(b["count"] for b in manifest["buckets"])
+    assert read_json(data / "docs.json")["provenance"]["code_hash"]
+    assert (finished.path("results/tiny/benchmarks/shards.tsv")).exists()
+    assert finished.planned() == {}
+
+
+def test_config_edits_rerun_exactly_their_stages(finished):
+    config = tiny_config(finished.docs, manifest={"num_buckets": 5})
+    finished.write_config(config)
+    assert set(finished.planned()) == {"curriculum", "all"}
+    finished.run()
+    assert read_json(finished.path(f"{DATA}/curriculum.json"))["num_buckets"] == 5
+    assert finished.planned() == {}
+    finished.write_config({**config, "tokenizer": {"vocab_size": 416}})
+    assert set(finished.planned()) == DATA_RULES
+    finished.write_config({**config, "scores": {"scorer": "zstd"}})
+    assert set(finished.planned()) == {"window_scores", "curriculum", "all"}
+
+
+def test_touch_reruns_nothing_and_code_edits_rerun_their_stage(finished):
+    for folder in ("src", "workflow_scripts", "rules", "schemas", "data"):
+        for path in finished.path(folder).rglob("*"):
+            os.utime(path)
+    os.utime(finished.path("Snakefile"))
+    assert finished.planned() == {}
+    assert edited(finished, "src/pgolf/data/manifest.py") == {"curriculum", "all"}
+    assert edited(finished, "workflow_scripts/window_scores.py") == {"window_scores",
+                                                                     "curriculum", "all"}
+    assert edited(finished, "src/pgolf/data/encode.py") == {"shards", "window_scores",
+                                                            "curriculum", "all"}
+    # tokenizer.py is imported by the tokenizer and shards stages, not by the corpus stage
+    assert edited(finished, "src/pgolf/data/tokenizer.py") == DATA_RULES
+    assert finished.planned() == {}
+
+
+def test_corrupt_shard_fails_and_leaves_no_output(finished):
+    shard = list_shards(finished.path(f"{DATA}/shards"), "train")[1]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 10)
+    result = finished.run("--forcerun", "window_scores", check=False)
+    assert result.returncode != 0
+    log = finished.path("results/tiny/logs/window_scores.log").read_text()
+    assert str(shard.name) in log and "truncated or corrupt" in log
+    assert not finished.path(f"{DATA}/window_scores.parquet").exists()
+    # Snakemake leaves a missing intermediate alone while its consumers exist; asking for it
+    # plans the job again.
+    assert "window_scores" in finished.planned(f"{DATA}/window_scores.parquet")
+
+
+def failing_run(workflow, config, log=None):
+    workflow.write_config(config)
+    result = workflow.run(check=False)
+    assert result.returncode != 0
+    text = result.stdout + result.stderr
+    if log:
+        text += workflow.path(f"results/tiny/logs/{log}.log").read_text()
+    return text
+
+
+def test_bad_config_values_name_the_file_and_value(workflow, tmp_path):
+    text = failing_run(workflow, tiny_config(tmp_path / "d.jsonl", tokenizer={"vocab_size": 70000}))
+    assert "test.yaml" in text and "tokenizer.vocab_size = 70000" in text
+    text = failing_run(workflow, tiny_config(tmp_path / "d.jsonl", manifest={"num_bucket": 3}))
+    assert "'num_bucket' was unexpected" in text
+    assert not workflow.path("results").exists()
+
+
+def test_missing_and_empty_corpus(workflow, tmp_path):
+    text = failing_run(workflow, tiny_config(tmp_path / "missing.jsonl"))
+    assert "missing.jsonl" in text and "Missing input files" in text
+    empty = write_jsonl(tmp_path / "empty.jsonl", [])
+    text = failing_run(workflow, tiny_config(empty), log="corpus")
+    assert "pgolf: error:" in text and "empty.jsonl) has no documents" in text
+    assert not workflow.path(f"{DATA}/docs.jsonl").exists()
+
+
+def test_provided_tokenizer_must_match_the_config(workflow, sotu_texts, tokenizer_path):
+    docs = write_jsonl(workflow.root / "docs.jsonl", sotu_texts[:8])
+    config = tiny_config(docs, tokenizer={"model": str(tokenizer_path), "vocab_size": 416})
+    text = failing_run(workflow, config, log="tokenizer")
+    assert str(tokenizer_path) in text and "vocab size 384" in text and "vocab_size=416" in text
+    assert not workflow.path(f"{DATA}/tokenizer.model").exists()
+
+
+def test_upstream_shard_folder_source(finished, tokenizer_path, tmp_path):
+    upstream = tmp_path / "fineweb10B_sp384"
+    upstream.mkdir()
+    ours = finished.path(f"{DATA}/shards")
+    for split in ("val", "train"):
+        for i, path in enumerate(list_shards(ours, split)):
+            shutil.copy(path, upstream / f"fineweb_{split}_{i:06d}.bin")
+    shutil.copy(finished.path(f"{DATA}/tokenizer.model"), tmp_path / "sp384.model")
+    finished.path("results").rename(finished.path("before"))
+    config = tiny_config(None, corpus={"source": "shards", "path": str(upstream)},
+                         tokenizer={"model": str(tmp_path / "sp384.model")})
+    finished.write_config(config)
+    assert "corpus" not in finished.planned()
+    finished.run()
+    before = read_json(finished.path(f"before/{DATA.split('/', 1)[1]}/shards.json"))
+    after = read_json(finished.path(f"{DATA}/shards.json"))
+    for split in ("val", "train"):
+        for key in ("docs", "tokens", "bpb_bytes"):
+            assert before["splits"][split][key] == after["splits"][split][key]
+    bad = upstream / "fineweb_train_000001.bin"
+    with open(bad, "r+b") as f:
+        f.write(np.int32(7).tobytes())  # wrong magic
+    result = finished.run("--forcerun", "shards", check=False)
+    log = finished.path("results/tiny/logs/shards.log").read_text()
+    assert result.returncode != 0 and f"shard {bad}: wrong magic 7" in log
+    assert not finished.path(f"{DATA}/shards.json").exists()
