@@ -6,6 +6,7 @@ switch that restores the same bytes does not. Stdlib only: it runs at every DAG 
 """
 
 import ast
+import functools
 import hashlib
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def _label(path: Path, src: Path) -> str:
         return path.name
 
 
+@functools.cache  # every stage imports the same few modules; parse each once per DAG build
 def _imported_modules(path: Path, src: Path) -> list[Path]:
     found = []
     for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):

@@ -1,0 +1,64 @@
+"""Config schema: defaults, errors that name the file and value, and every preset dry-runs."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pgolf.config import load_config, section
+from pgolf.data.tokenizer import TokenizerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_demo_config_fills_defaults():
+    config = load_config(ROOT / "config.yaml")
+    assert config["run"] == "demo" and config["tokenizer"]["vocab_size"] == 1024
+    assert config["tokenizer"]["character_coverage"] == 0.999  # schema default
+    assert config["corpus"]["hf"]["repo_id"] == "willdepueoai/parameter-golf"
+
+
+def test_defaults_are_not_shared_between_configs(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run: a\n")
+    first = load_config(path)
+    first["seeds"].append(99)
+    assert load_config(path)["seeds"] == [1, 2]
+
+
+@pytest.mark.parametrize("text,words", [
+    ("tokenizer:\n  vocab_size: 70000\n", ["tokenizer.vocab_size = 70000", "maximum of 65535"]),
+    ("shards:\n  val_docs: 0\n", ["shards.val_docs = 0"]),
+    ("scores:\n  scorer: gzip\n", ["scores.scorer = 'gzip'"]),
+    ("manifest:\n  buckets: 3\n", ["'buckets' was unexpected"]),
+    ("run: 'a b'\n", ["run = 'a b'"]),
+])
+def test_errors_name_file_key_and_value(tmp_path, text, words):
+    path = tmp_path / "override.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError) as err:
+        load_config(ROOT / "config.yaml", path)
+    assert str(path) in str(err.value)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_later_files_win_and_merge_nested(tmp_path):
+    path = tmp_path / "o.yaml"
+    path.write_text(yaml.safe_dump({"tokenizer": {"vocab_size": 2048}}))
+    config = load_config(ROOT / "config.yaml", path)
+    assert config["tokenizer"]["vocab_size"] == 2048 and config["shards"]["val_docs"] == 11
+
+
+def test_sections_reject_unknown_keys():
+    assert section(TokenizerConfig, {"vocab_size": 512}).vocab_size == 512
+    with pytest.raises(ValueError, match=r"tokenizer: unknown keys \['vocab'\]"):
+        section(TokenizerConfig, {"vocab": 512}, "tokenizer")
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
+def test_presets_validate_and_dry_run(workflow, preset):
+    load_config(ROOT / "config.yaml", preset)
+    result = workflow.run("-n", config=str(preset))
+    assert "Job stats:" in result.stdout
