@@ -5,8 +5,14 @@ import struct
 import numpy as np
 import pytest
 
-from pgolf.data.shards import (HEADER_BYTES, ShardWriter, SplitStats, read_shard, shard_bytes,
-                               write_shard)
+from pgolf.data.shards import (
+    HEADER_BYTES,
+    ShardWriter,
+    SplitStats,
+    read_shard,
+    shard_bytes,
+    write_shard,
+)
 
 
 # --- an independent implementation, from the format description alone -------------------------

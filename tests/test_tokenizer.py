@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from pgolf.data.tokenizer import (ByteLUT, TokenizerConfig, count_bytes, load_tokenizer,
-                                  train_tokenizer, training_sentences)
+from pgolf.data.tokenizer import (
+    ByteLUT,
+    TokenizerConfig,
+    count_bytes,
+    load_tokenizer,
+    train_tokenizer,
+    training_sentences,
+)
 
 
 @pytest.fixture(scope="module")

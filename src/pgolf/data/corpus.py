@@ -70,27 +70,28 @@ def read_text_folder(path: str | Path) -> Iterator[str]:
             raise ValueError(f"{file}: not UTF-8 ({err})") from None
 
 
-def check_demo(corpus: Path, sidecar: Path) -> None:
-    """The bundled corpus must be the bytes its sidecar describes."""
-    expected = read_json(sidecar)["docs_sha256"]
+def check_demo(corpus: Path, sidecar: Path) -> dict:
+    """The bundled corpus must be the bytes its sidecar describes; return the sidecar."""
+    meta = read_json(sidecar)
     with lzma.open(corpus) as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
-    if digest != expected:
-        raise ValueError(f"{corpus}: sha256 {digest} does not match {sidecar} ({expected})")
+    if digest != meta["docs_sha256"]:
+        raise ValueError(f"{corpus}: sha256 {digest} does not match {sidecar} "
+                         f"({meta['docs_sha256']})")
+    return meta
 
 
 def source_docs(cfg: CorpusConfig, *, demo: Path) -> tuple[Iterator[str], dict]:
     """The documents of the configured source, and what to record about where they came from."""
     if cfg.source == "demo":
-        check_demo(demo, demo.with_name("sotu.json"))
-        return read_jsonl(demo), {"source": "demo", "path": str(demo), **read_json(
-            demo.with_name("sotu.json"))}
+        sidecar = check_demo(demo, demo.with_name("sotu.json"))
+        return read_jsonl(demo), {"source": "demo", "path": str(demo), **sidecar}
     if cfg.source == "text":
         return read_text_folder(cfg.path), {"source": "text", "path": cfg.path}
     if cfg.source == "jsonl":
+        digest = sha256_file(require_file(cfg.path, "corpus file"))
         return read_jsonl(cfg.path), {"source": "jsonl", "path": cfg.path,
-                                      "source_sha256": sha256_file(require_file(cfg.path,
-                                                                                "corpus file"))}
+                                      "source_sha256": digest}
     if cfg.source == "hf":
         docs, sidecar = fetch_docs(cfg.hf)
         return read_jsonl(docs), {"source": "hf", "path": str(docs), **sidecar}

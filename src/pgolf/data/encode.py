@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pgolf.data.corpus import read_jsonl, val_split
-from pgolf.data.shards import SPLITS, ShardWriter, SplitStats, read_header, read_shard, shard_name
+from pgolf.data.shards import SPLITS, ShardWriter, SplitStats, read_shard, shard_name
 from pgolf.data.tokenizer import ByteLUT, count_bytes, load_tokenizer
 from pgolf.io import read_json, sha256_file, write_json
 from pgolf.provenance import Provenance
@@ -60,7 +60,7 @@ def encode_corpus(docs: Path, tokenizer: Path, out_dir: Path, *, cfg: ShardsConf
             bar.update(len(batch))
     for writer in writers.values():
         writer.flush()
-    return summary(stats, sp=sp, val_docs=val_docs, shard_tokens=cfg.shard_tokens)
+    return shards_summary(stats, sp=sp, val_docs=val_docs, shard_tokens=cfg.shard_tokens)
 
 
 def _encode_part(sp, texts, writer, stats, lut, threads) -> None:
@@ -72,7 +72,8 @@ def _encode_part(sp, texts, writer, stats, lut, threads) -> None:
     writer.write(tokens.astype("<u2"))
 
 
-def summary(stats: dict[str, SplitStats], *, sp, val_docs: int, shard_tokens: int | None) -> dict:
+def shards_summary(stats: dict[str, SplitStats], *, sp, val_docs: int,
+                   shard_tokens: int | None) -> dict:
     return {"vocab_size": sp.vocab_size(), "bos_id": sp.bos_id(), "val_docs": val_docs,
             "shard_tokens": shard_tokens,
             "splits": {split: s.summary() for split, s in stats.items()}}
@@ -103,7 +104,6 @@ def import_shards(folder: Path, tokenizer: Path, out_dir: Path) -> dict:
         stats[split] = s = SplitStats(text_bytes=None)
         prev = None
         for index, path in enumerate(tqdm(paths, desc=f"import {split}", unit="shard")):
-            read_header(path)
             tokens = read_shard(path)
             if len(tokens) and int(tokens.max()) >= sp.vocab_size():
                 raise ValueError(f"shard {path}: token id {int(tokens.max())} is outside the "
@@ -118,8 +118,7 @@ def import_shards(folder: Path, tokenizer: Path, out_dir: Path) -> dict:
             (out_dir / name).symlink_to(path.resolve())
             s.shards.append({"file": name, "source": str(path), "tokens": len(tokens),
                              "sha256": sha256_file(path)})
-    return summary(stats, sp=sp, val_docs=stats["val"].docs, shard_tokens=None)
-
+    return shards_summary(stats, sp=sp, val_docs=stats["val"].docs, shard_tokens=None)
 
 
 def build_shards(cfg: ShardsConfig, *, tokenizer: Path, docs: str | None, corpus: str | None,
@@ -127,10 +126,10 @@ def build_shards(cfg: ShardsConfig, *, tokenizer: Path, docs: str | None, corpus
                  provenance: Provenance | None = None) -> dict:
     """The shards stage: encode docs.jsonl, or import an upstream folder; write shards.json."""
     if upstream is not None:
-        summary_ = import_shards(Path(upstream), tokenizer, out_dir)
+        summary = import_shards(Path(upstream), tokenizer, out_dir)
     else:
-        summary_ = encode_corpus(Path(docs), tokenizer, out_dir, cfg=cfg,
-                                 corpus=read_json(corpus), threads=threads)
-    summary_["provenance"] = provenance.record() if provenance else None
-    write_json(meta, summary_)
-    return summary_
+        summary = encode_corpus(Path(docs), tokenizer, out_dir, cfg=cfg,
+                                corpus=read_json(corpus), threads=threads)
+    summary["provenance"] = provenance.record() if provenance else None
+    write_json(meta, summary)
+    return summary
