@@ -14,6 +14,7 @@ include: "rules/tokenizer.smk"
 include: "rules/shards.smk"
 include: "rules/scores.smk"
 include: "rules/manifest.smk"
+include: "rules/train.smk"
 
 
 rule all:

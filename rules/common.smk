@@ -1,4 +1,5 @@
 # Shared helpers: config validation, result paths, code hashes, seeds.
+import json
 from pathlib import Path
 
 from pgolf.codehash import code_hash
@@ -47,12 +48,31 @@ def bench(name):
 
 
 def stage_code(script):
-    """Content hash of a workflow script and the pgolf modules it imports: the rerun trigger."""
-    return code_hash(SCRIPTS / script, src=SRC)
+    """Content hash of a workflow script (or a pgolf entry module, by path under the checkout)
+    and every pgolf module it imports: the rerun trigger."""
+    path = SCRIPTS / script if "/" not in script else Path(workflow.basedir) / script
+    return code_hash(path, src=SRC)
+
+
+def seed_path(name):
+    """Path of a per-seed output; {seed} is the wildcard."""
+    return f"results/{RUN}/seed{{seed}}/{name}"
+
+
+def train_spec():
+    """The model and train sections the trainer runs with, as one JSON string."""
+    model = {**config["model"], "vocab_size": config["tokenizer"]["vocab_size"]}
+    return json.dumps({"model": model, "train": config["train"]}, sort_keys=True)
+
+
+def train_gpus():
+    """GPUs a training job holds: one per process on CUDA, none on the CPU."""
+    return config["train"]["nproc"] if config["train"]["device"] != "cpu" else 0
 
 
 def final_targets():
-    return [data("curriculum.parquet"), data("curriculum.png")]
+    models = expand(seed_path("model.safetensors"), seed=SEEDS)
+    return [data("curriculum.parquet"), data("curriculum.png"), *models]
 
 
 # Input functions: what a stage reads depends on the configured source.

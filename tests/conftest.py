@@ -52,8 +52,9 @@ class Workflow:
         path.write_text(yaml.safe_dump(config))
         return path
 
-    def run(self, *args: str, config: str = "test.yaml", check: bool = True):
-        cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", config, *args]
+    def run(self, *args: str, config: str | list = "test.yaml", check: bool = True):
+        configs = [config] if isinstance(config, str) else list(map(str, config))
+        cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", *configs, *args]
         result = subprocess.run(cmd, cwd=self.root, capture_output=True, text=True)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")

@@ -57,8 +57,32 @@ def test_sections_reject_unknown_keys():
         section(TokenizerConfig, {"vocab": 512}, "tokenizer")
 
 
+OVERLAYS = {"h100x1.yaml": ["record-8xh100.yaml"]}  # presets that sit on top of another
+
+
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
 def test_presets_validate_and_dry_run(workflow, preset):
-    load_config(ROOT / "config.yaml", preset)
-    result = workflow.run("-n", config=str(preset))
-    assert "Job stats:" in result.stdout
+    files = [ROOT / "configs" / base for base in OVERLAYS.get(preset.name, [])] + [preset]
+    load_config(ROOT / "config.yaml", *files)
+    result = workflow.run("-n", config=files)
+    assert "train" in result.stdout and "Job stats:" in result.stdout
+
+
+def schema_defaults(spec: dict) -> dict:
+    return {k: schema_defaults(v) if v.get("type") == "object" and "properties" in v
+            else v.get("default") for k, v in spec["properties"].items()}
+
+
+def test_schema_defaults_equal_the_dataclass_defaults():
+    import dataclasses
+
+    from pgolf.model.gpt import GPTConfig
+    from pgolf.train.trainer import TrainConfig
+
+    spec = yaml.safe_load((ROOT / "schemas" / "config.schema.yaml").read_text())
+    defaults = schema_defaults(spec)
+    model = dataclasses.asdict(GPTConfig())
+    del model["vocab_size"]  # comes from tokenizer.vocab_size
+    assert defaults["model"] == model
+    assert defaults["train"] == dataclasses.asdict(TrainConfig())
+    assert defaults["tokenizer"] == dataclasses.asdict(TokenizerConfig())

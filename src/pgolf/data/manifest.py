@@ -50,13 +50,14 @@ def build_manifest(scores_path: Path, out: Path, meta_out: Path, plot_out: Path 
     bucket = assign_buckets(score, cfg.num_buckets)
     edges = bucket_edges(score, bucket, cfg.num_buckets)
     summary = {
-        "scorer": source["scorer"], "seq_len": source["seq_len"], "num_buckets": cfg.num_buckets,
+        "scorer": source["scorer"], "seq_len": source["seq_len"],
+        "vocab_size": source["vocab_size"], "num_buckets": cfg.num_buckets,
         "windows": len(score), "edges": edges,
         "buckets": [_bucket_stats(score[bucket == b]) for b in range(cfg.num_buckets)],
         "provenance": provenance.record() if provenance else None,
     }
-    write_table(table.append_column("bucket", pa.array(bucket)), out,
-                {k: summary[k] for k in ("scorer", "seq_len", "num_buckets", "edges")})
+    keys = ("scorer", "seq_len", "vocab_size", "num_buckets", "edges")
+    write_table(table.append_column("bucket", pa.array(bucket)), out, {k: summary[k] for k in keys})
     write_json(meta_out, summary)
     if plot_out is not None:
         plot_histogram(score, edges, plot_out, title=f"{source['scorer']} window scores")

@@ -111,7 +111,7 @@ def score_windows(shard_dir: Path, tokenizer: Path, out: Path, *, cfg: ScoresCon
         "start": np.concatenate([np.arange(a, b) * seq_len for _, a, b in tasks]),
         "score": np.concatenate(parts),
     })
-    meta = {"scorer": cfg.scorer, "seq_len": seq_len,
+    meta = {"scorer": cfg.scorer, "seq_len": seq_len, "vocab_size": vocab_size,
             "provenance": provenance.record() if provenance else None}
     write_table(table, out, meta)
     return table

@@ -162,19 +162,22 @@ class ByteLUT:
         return cls(base, lead, boundary)
 
 
-def count_bytes(tokens: np.ndarray, lut: ByteLUT, *, prev: int | None = None) -> np.ndarray:
-    """Bytes charged to each token of a stream when predicted, as upstream's BPB charges them.
+def target_bytes(prev: np.ndarray, target: np.ndarray, lut: ByteLUT) -> np.ndarray:
+    """Bytes charged to predicting `target` after `prev` (elementwise), as upstream's BPB charges:
+    base_bytes[y] + (has_leading_space[y] and not is_boundary[x]). prev = -1 means a boundary."""
+    prev_boundary = np.where(prev >= 0, lut.is_boundary[np.maximum(prev, 0)], True)
+    return lut.base_bytes[target] + (lut.has_leading_space[target] & ~prev_boundary)
 
-    bytes(y_t) = base_bytes[y_t] + (has_leading_space[y_t] and not is_boundary[x_t]), x_t the token
-    before y_t. `prev` is the token before tokens[0]; None treats it as a boundary (BOS).
-    """
+
+def count_bytes(tokens: np.ndarray, lut: ByteLUT, *, prev: int | None = None) -> np.ndarray:
+    """Bytes charged to each token of a stream when predicted. `prev` is the token before
+    tokens[0]; None treats it as a boundary (BOS)."""
     tokens = np.asarray(tokens, dtype=np.int64)
     before = np.empty_like(tokens)
     if len(tokens):
         before[0] = prev if prev is not None else -1
         before[1:] = tokens[:-1]
-    prev_boundary = np.where(before >= 0, lut.is_boundary[np.maximum(before, 0)], True)
-    return lut.base_bytes[tokens] + (lut.has_leading_space[tokens] & ~prev_boundary)
+    return target_bytes(before, tokens, lut)
 
 
 def docs_for_training(docs: Iterable[str], *, val_docs: int, include_val: bool) -> Iterator[str]:

@@ -1,0 +1,1 @@
+"""Evaluation: exact bits per byte over the validation stream."""

@@ -1,0 +1,264 @@
+"""The record-family GPT: one config dataclass, every record feature a switch.
+
+Features and their semantics follow the Parameter Golf records (baseline, R0409): QK RMS-norm with a
+learned per-head q gain, partial RoPE, GQA, relu^2 / LeakyReLU^2 MLP, residual mix with the
+embedding stream, LN scale 1/sqrt(i+1), U-Net skips with sigmoid gates, depth recurrence (looped
+layers), GPT-J parallel residuals, XSA, tied embeddings and a logit softcap.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(kw_only=True)
+class GPTConfig:
+    vocab_size: int = 1024
+    num_layers: int = 4
+    model_dim: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    mlp_mult: float = 4.0
+    activation: str = "leaky_relu2"  # relu2 | leaky_relu2
+    leaky_slope: float = 0.5
+    tie_embeddings: bool = True
+    logit_softcap: float = 30.0  # 0 = off
+    qk_gain_init: float = 1.5
+    rope_dims: int | None = None  # None = all head dims
+    rope_base: float = 10000.0
+    rope_train_seq_len: int = 1024  # longer sequences get an NTK rescale of the base
+    ln_scale: bool = False
+    resid_mix: bool = True
+    skips: bool = True  # U-Net skips from encoder to decoder layers
+    skip_gates: bool = False
+    loop_start: int | None = None  # physical layers loop_start..loop_end (inclusive) repeat
+    loop_end: int | None = None
+    num_loops: int = 0  # extra passes: the looped layers run num_loops + 1 times
+    parallel_from: int | None = None  # physical layers >= this use GPT-J parallel residuals
+    xsa_last_n: int = 0  # exclusive self-attention on the last n physical layers
+    embed_init_std: float = 0.005
+
+    def __post_init__(self):
+        if self.model_dim % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model: model_dim={self.model_dim}, num_heads={self.num_heads} and "
+                             f"num_kv_heads={self.num_kv_heads} must divide evenly")
+        if self.activation not in ("relu2", "leaky_relu2"):
+            raise ValueError(f"model.activation={self.activation!r}: relu2 or leaky_relu2")
+        rope = self.rope_dims if self.rope_dims is not None else self.head_dim
+        if rope % 2 or not 0 < rope <= self.head_dim:
+            raise ValueError(f"model.rope_dims={self.rope_dims} must be even and <= head_dim "
+                             f"{self.head_dim}")
+        if self.num_loops:
+            start, end = self.loop_start, self.loop_end
+            if start is None or end is None or not 0 <= start <= end < self.num_layers:
+                raise ValueError(f"model: loop_start={start}, loop_end={end} must satisfy "
+                                 f"0 <= start <= end < num_layers={self.num_layers}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_mult * self.model_dim)
+
+    def layer_sequence(self, looping: bool) -> list[int]:
+        """Physical layer index of each virtual layer, in order."""
+        layers = list(range(self.num_layers))
+        if not (looping and self.num_loops):
+            return layers
+        start, end = self.loop_start, self.loop_end
+        return layers[:start] + layers[start:end + 1] * (self.num_loops + 1) + layers[end + 1:]
+
+    def split(self, looping: bool) -> tuple[list[int], list[int]]:
+        """Encoder and decoder halves of the virtual sequence (the encoder is the shorter)."""
+        seq = self.layer_sequence(looping)
+        return seq[:len(seq) // 2], seq[len(seq) // 2:]
+
+    @property
+    def num_skips(self) -> int:
+        if not self.skips:
+            return 0
+        encoder, decoder = self.split(looping=True)
+        return min(len(encoder), len(decoder))
+
+
+def quantizable_matrices(cfg: GPTConfig) -> list[tuple[str, tuple[int, int]]]:
+    """Checkpoint names and shapes of the matrices the quantizer handles (no weights built)."""
+    d, kv = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim
+    per_block = [("attn.c_q", (d, d)), ("attn.c_k", (kv, d)), ("attn.c_v", (kv, d)),
+                 ("attn.proj", (d, d)), ("mlp.fc", (cfg.mlp_hidden, d)),
+                 ("mlp.proj", (d, cfg.mlp_hidden))]
+    names = [(f"blocks.{i}.{name}.weight", shape)
+             for i in range(cfg.num_layers) for name, shape in per_block]
+    names.append(("tok_emb.weight", (cfg.vocab_size, d)))
+    if not cfg.tie_embeddings:
+        names.append(("lm_head.weight", (cfg.vocab_size, d)))
+    return names
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    """RoPE on the first `dims` channels of each head (half-split rotation); the rest stay put."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.dims = cfg.rope_dims if cfg.rope_dims is not None else cfg.head_dim
+        self.base, self.train_len = cfg.rope_base, cfg.rope_train_seq_len
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, H, D)
+        T, rd = x.size(1), self.dims
+        base = self.base
+        if self.train_len < T:  # NTK-style rescale for sequences longer than training's
+            base = base * (T / self.train_len) ** (rd / (rd - 2))
+        inv_freq = base ** (-torch.arange(0, rd, 2, device=x.device, dtype=torch.float32) / rd)
+        angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)
+        cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+        x1, x2, rest = x[..., :rd // 2], x[..., rd // 2:rd], x[..., rd:]
+        x1f, x2f = x1.float(), x2.float()
+        rotated = torch.cat([x1f * cos + x2f * sin, x2f * cos - x1f * sin], dim=-1).to(x.dtype)
+        return torch.cat([rotated, rest], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, xsa: bool):
+        super().__init__()
+        d, hd = cfg.model_dim, cfg.head_dim
+        self.h, self.hkv, self.hd, self.xsa = cfg.num_heads, cfg.num_kv_heads, hd, xsa
+        self.c_q = nn.Linear(d, d, bias=False)
+        self.c_k = nn.Linear(d, self.hkv * hd, bias=False)
+        self.c_v = nn.Linear(d, self.hkv * hd, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.q_gain = nn.Parameter(torch.full((self.h,), cfg.qk_gain_init))
+        self.rotary = Rotary(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.h, self.hd)
+        k = self.c_k(x).view(B, T, self.hkv, self.hd)
+        v = self.c_v(x).view(B, T, self.hkv, self.hd)
+        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=self.hkv != self.h)
+        y = y.transpose(1, 2)  # (B, T, H, D)
+        if self.xsa:
+            y = exclude_self_value(y, v)
+        return self.proj(y.reshape(B, T, -1))
+
+
+def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: remove from each head's output its component along the token's own unit value vector.
+
+    y: (B, T, H, D), v: (B, T, Hkv, D); query heads are grouped over KV heads as in GQA.
+    """
+    B, T, H, D = y.shape
+    Hkv = v.size(2)
+    yg = y.view(B, T, Hkv, H // Hkv, D)
+    v_hat = F.normalize(v, dim=-1).unsqueeze(3)  # (B, T, Hkv, 1, D)
+    yg = yg - (yg * v_hat).sum(-1, keepdim=True) * v_hat
+    return yg.view(B, T, H, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.model_dim, cfg.mlp_hidden, bias=False)
+        self.proj = nn.Linear(cfg.mlp_hidden, cfg.model_dim, bias=False)
+        self.slope = cfg.leaky_slope if cfg.activation == "leaky_relu2" else 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
+        return self.proj(h.square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, index: int):
+        super().__init__()
+        d = cfg.model_dim
+        self.attn = Attention(cfg, xsa=index >= cfg.num_layers - cfg.xsa_last_n)
+        self.mlp = MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)])) \
+            if cfg.resid_mix else None
+        self.norm_scale = 1 / math.sqrt(index + 1) if cfg.ln_scale else 1.0
+        self.parallel = cfg.parallel_from is not None and index >= cfg.parallel_from
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        if self.resid_mix is not None:
+            mix = self.resid_mix.to(x.dtype)
+            x = mix[0] * x + mix[1] * x0
+        h = rms_norm(x) * self.norm_scale
+        if self.parallel:  # attention and MLP read the same input
+            return x + self.attn_scale * self.attn(h) + self.mlp_scale * self.mlp(h)
+        x = x + self.attn_scale * self.attn(h)
+        return x + self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.looping = False  # switched on by the trainer at the configured fraction of training
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        k = cfg.num_skips
+        self.skip_weights = nn.Parameter(torch.ones(k, cfg.model_dim)) if k else None
+        self.skip_gates = nn.Parameter(torch.zeros(k, cfg.model_dim)) \
+            if k and cfg.skip_gates else None
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size,
+                                                                 bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.tok_emb.weight, std=self.cfg.embed_init_std)
+        for block in self.blocks:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.fc):
+                nn.init.orthogonal_(linear.weight)
+            nn.init.zeros_(block.attn.proj.weight)  # each block starts as the identity
+            nn.init.zeros_(block.mlp.proj.weight)
+        if self.lm_head is not None:
+            nn.init.orthogonal_(self.lm_head.weight)
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final normalised hidden states (B, T, d): the LM head's input."""
+        x = x0 = rms_norm(self.tok_emb(idx))
+        encoder, decoder = self.cfg.split(self.looping)
+        stack = []
+        for layer in encoder:
+            x = self.blocks[layer](x, x0)
+            stack.append(x)
+        for j, layer in enumerate(decoder):
+            if self.skip_weights is not None and j < len(self.skip_weights) and stack:
+                skip = self.skip_weights[j].to(x.dtype) * stack.pop()
+                if self.skip_gates is not None:  # lerp(skip, x, g) = skip + g (x - skip)
+                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+                else:
+                    x = x + skip
+            x = self.blocks[layer](x, x0)
+        return rms_norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(hidden, weight.to(hidden.dtype)).float()
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                reduction: str = "mean") -> torch.Tensor:
+        """Logits (B, T, V), or with targets the cross-entropy in nats (fp32)."""
+        logits = self.logits(self.hidden(idx))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
+                               reduction=reduction)
+        return loss if reduction == "mean" else loss.view(targets.shape)

@@ -1,0 +1,1 @@
+"""Training: the trainer, optimizers, schedule, EMA, distributed helpers and resume state."""
