@@ -127,3 +127,29 @@ def test_shuffled_stream_covers_each_window_once_per_epoch_and_resumes():
     ahead = stream.draw(7, 0.0)
     stream.load_state_dict(saved)
     assert np.array_equal(stream.draw(7, 0.0), ahead)
+
+
+def test_compile_warmup_leaves_no_trace():
+    from pgolf.model.gpt import GPTConfig
+    from pgolf.train.distributed import Dist
+    from pgolf.train.main import compile_warmup
+    from pgolf.train.trainer import TrainConfig, build_run, train_loop
+
+    def run_once(warmup: int):
+        tokens = {"a": np.random.default_rng(0).integers(0, 64, 4000).astype(np.uint16)}
+        stream = ShuffledStream(tokens, seq_len=16, rng=stream_rng(5, 0))
+        cfg = TrainConfig(seq_len=16, batch_tokens=64, steps=4, device="cpu", ema_decay=0.5,
+                          loader={"sampler": "shuffled", "streams": 1})
+        model_cfg = GPTConfig(vocab_size=64, num_layers=2, model_dim=16, num_heads=2,
+                              num_kv_heads=1, loop_start=0, loop_end=0, num_loops=1)
+        run = build_run(model_cfg, cfg, dist=Dist(0, 1, 0, torch.device("cpu")),
+                        streams=[stream], seed=3)
+        compile_warmup(run, warmup)
+        train_loop(run)
+        return run
+
+    plain, warmed = run_once(0), run_once(3)
+    assert warmed.step == plain.step == 4 and len(warmed.metrics) == 4
+    assert [m["loss"] for m in warmed.metrics] == [m["loss"] for m in plain.metrics]
+    for name, tensor in plain.model.state_dict().items():
+        assert torch.equal(tensor, warmed.model.state_dict()[name]), name

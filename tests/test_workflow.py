@@ -12,7 +12,11 @@ from pgolf.io import read_json
 
 pytestmark = pytest.mark.slow
 DATA = "results/tiny/data"
-DATA_RULES = {"tokenizer", "shards", "window_scores", "curriculum", "all"}
+DATA_RULES = {"tokenizer", "shards", "window_scores", "curriculum", "train", "all"}
+TINY_MODEL = {"num_layers": 2, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1,
+              "loop_start": 0, "loop_end": 0, "num_loops": 1, "rope_train_seq_len": 64}
+TINY_TRAIN = {"seq_len": 64, "batch_tokens": 256, "steps": 4, "max_seconds": None,
+              "checkpoint_every": 0, "val_max_tokens": 4096}
 
 
 def tiny_config(docs, **overrides):
@@ -22,10 +26,12 @@ def tiny_config(docs, **overrides):
         "tokenizer": {"vocab_size": 384},
         "shards": {"val_docs": 3, "shard_tokens": 30_000},
         "manifest": {"num_buckets": 4},
-        "train": {"seq_len": 64},
+        "model": TINY_MODEL,
+        "train": TINY_TRAIN,
+        "seeds": [1],
     }
     for key, value in overrides.items():
-        config[key] = {**config.get(key, {}), **value}
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
     return config
 
 
@@ -70,20 +76,24 @@ def test_full_run_writes_every_data_artifact(finished):
     assert manifest["windows"] == sum(b["count"] for b in manifest["buckets"])
     assert read_json(data / "docs.json")["provenance"]["code_hash"]
     assert (finished.path("results/tiny/benchmarks/shards.tsv")).exists()
+    train = read_json(finished.path("results/tiny/seed1/train.json"))
+    assert train["steps"] == 4 and train["val"]["model"]["bpb"] > 0
     assert finished.planned() == {}
 
 
 def test_config_edits_rerun_exactly_their_stages(finished):
     config = tiny_config(finished.docs, manifest={"num_buckets": 5})
     finished.write_config(config)
-    assert set(finished.planned()) == {"curriculum", "all"}
+    assert set(finished.planned()) == {"curriculum", "train", "all"}
     finished.run()
     assert read_json(finished.path(f"{DATA}/curriculum.json"))["num_buckets"] == 5
     assert finished.planned() == {}
     finished.write_config({**config, "tokenizer": {"vocab_size": 416}})
     assert set(finished.planned()) == DATA_RULES
     finished.write_config({**config, "scores": {"scorer": "zstd"}})
-    assert set(finished.planned()) == {"window_scores", "curriculum", "all"}
+    assert set(finished.planned()) == {"window_scores", "curriculum", "train", "all"}
+    finished.write_config({**config, "train": {**TINY_TRAIN, "steps": 5}})
+    assert set(finished.planned()) == {"train", "all"}
 
 
 def test_touch_reruns_nothing_and_code_edits_rerun_their_stage(finished):
@@ -92,11 +102,12 @@ def test_touch_reruns_nothing_and_code_edits_rerun_their_stage(finished):
             os.utime(path)
     os.utime(finished.path("Snakefile"))
     assert finished.planned() == {}
-    assert edited(finished, "src/pgolf/data/manifest.py") == {"curriculum", "all"}
+    assert edited(finished, "src/pgolf/data/manifest.py") == {"curriculum", "train", "all"}
     assert edited(finished, "workflow_scripts/window_scores.py") == {"window_scores",
-                                                                     "curriculum", "all"}
+                                                                     "curriculum", "train", "all"}
     assert edited(finished, "src/pgolf/data/encode.py") == {"shards", "window_scores",
-                                                            "curriculum", "all"}
+                                                            "curriculum", "train", "all"}
+    assert edited(finished, "src/pgolf/train/muon.py") == {"train", "all"}
     # tokenizer.py is imported by the tokenizer and shards stages, not by the corpus stage
     assert edited(finished, "src/pgolf/data/tokenizer.py") == DATA_RULES
     assert finished.planned() == {}

@@ -100,9 +100,10 @@ def try_resume(run: Run, state_dir: Path, key: str) -> int | None:
     """Load this rank's latest state if every rank has one for the same run; return its step."""
     state = load_state(state_dir / f"rank{run.dist.rank}")
     step = state["step"] if state is not None and state["fingerprint"] == key else -1
-    low = distributed.all_reduce(torch.tensor(step), op=torch.distributed.ReduceOp.MIN)
-    high = distributed.all_reduce(torch.tensor(step), op=torch.distributed.ReduceOp.MAX)
-    if step < 0 or int(low) != int(high):
+    # One MAX over (step, -step) gives the max and the min step across ranks.
+    both = torch.tensor([step, -step], device=run.dist.device)
+    distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    if step < 0 or int(both[0]) != -int(both[1]):
         return None
     restore(run, state)
     run.step, run.elapsed, run.metrics = state["step"], state["elapsed"], state["metrics"]

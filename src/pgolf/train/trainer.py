@@ -177,7 +177,8 @@ def train_step(run: Run, frac: float) -> float:
 def should_stop(run: Run) -> bool:
     cfg = run.cfg
     over = cfg.budget_seconds is not None and run.elapsed >= cfg.budget_seconds
-    flag = torch.tensor(float(over or (cfg.steps is not None and run.step >= cfg.steps)))
+    done = over or (cfg.steps is not None and run.step >= cfg.steps)
+    flag = torch.tensor(float(done), device=run.dist.device)  # NCCL reduces CUDA tensors only
     return bool(all_reduce(flag, op=torch.distributed.ReduceOp.MAX))  # every rank stops together
 
 
