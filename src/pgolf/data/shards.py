@@ -119,5 +119,10 @@ class ShardWriter:
         self.filled = 0
 
 
+def summary_path(directory: str | Path) -> Path:
+    """The shards stage writes <dir>.json beside <dir>/ (shards.json beside shards/)."""
+    return Path(directory).with_suffix(".json")
+
+
 def list_shards(directory: str | Path, split: str) -> list[Path]:
     return sorted(Path(directory).glob(f"{split}_*.bin"))

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from pgolf.config import section
 from pgolf.data.loader import open_streams
-from pgolf.data.shards import list_shards, read_shard
+from pgolf.data.shards import list_shards, read_shard, summary_path
 from pgolf.data.tokenizer import ByteLUT, load_tokenizer
 from pgolf.eval.bpb import evaluate, unigram_bpb, val_stream
 from pgolf.io import atomic_path, read_json, sha256_file, write_json
@@ -58,8 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def fingerprint(args, spec: dict) -> str:
     """What a resume state must match: config, seed, code and the bytes of the inputs."""
     parts = [json.dumps(spec, sort_keys=True), str(args.seed), str(args.code),
-             sha256_file(args.shards.with_suffix(".json")) if args.shards.with_suffix(
-                 ".json").exists() else "", sha256_file(args.manifest)]
+             sha256_file(summary_path(args.shards)), sha256_file(args.manifest)]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -183,12 +182,12 @@ def run_training(args, spec, model_cfg: GPTConfig, cfg: TrainConfig, dist) -> in
         torch.set_num_threads(max(1, args.threads // dist.world))
     if cfg.nproc != dist.world:
         raise ValueError(f"train.nproc={cfg.nproc} but torchrun started {dist.world} processes")
-    shards_meta = read_json(args.shards.with_suffix(".json"))
+    shards_meta = read_json(summary_path(args.shards))
     if shards_meta["vocab_size"] != model_cfg.vocab_size:
         raise ValueError(f"{args.shards}: tokenizer vocab {shards_meta['vocab_size']} does not "
                          f"match model.vocab_size={model_cfg.vocab_size}")
     prov = Provenance(stage="train", config=spec, code=args.code,
-                      inputs=[args.shards.with_suffix(".json"), args.manifest, args.tokenizer])
+                      inputs=[summary_path(args.shards), args.manifest, args.tokenizer])
     mine = list(range(dist.rank, cfg.loader.streams, dist.world))
     streams = open_streams(cfg.loader, shard_dir=args.shards, manifest=args.manifest,
                            seq_len=cfg.seq_len, vocab_size=model_cfg.vocab_size, seed=args.seed,
