@@ -1,0 +1,1 @@
+"""Quantization: Hessians, the GPTQ kernel, allocation and packing."""
