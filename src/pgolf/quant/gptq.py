@@ -60,7 +60,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, clip_sigmas: float,
     rtn = round_to_nearest(W, scale, bits=bits)
     codes = _gptq_codes(W, H, scale.float(), bits=bits, block_size=block_size, damp=damp,
                         act_order=act_order)
-    if weighted_error(W, dequantize(codes, scale), H) > weighted_error(W, dequantize(rtn, scale), H):
+    gptq_error = weighted_error(W, dequantize(codes, scale), H)
+    if gptq_error > weighted_error(W, dequantize(rtn, scale), H):
         codes = rtn
     return codes, scale
 
