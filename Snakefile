@@ -15,6 +15,7 @@ include: "rules/shards.smk"
 include: "rules/scores.smk"
 include: "rules/manifest.smk"
 include: "rules/train.smk"
+include: "rules/hessians.smk"
 
 
 rule all:

@@ -71,8 +71,8 @@ def train_gpus():
 
 
 def final_targets():
-    models = expand(seed_path("model.safetensors"), seed=SEEDS)
-    return [data("curriculum.parquet"), data("curriculum.png"), *models]
+    per_seed = expand(seed_path("hessians.safetensors"), seed=SEEDS)
+    return [data("curriculum.parquet"), data("curriculum.png"), *per_seed]
 
 
 # Input functions: what a stage reads depends on the configured source.

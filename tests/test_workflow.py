@@ -6,13 +6,15 @@ import shutil
 import numpy as np
 import pytest
 from conftest import Workflow, make_workflow, write_jsonl
+from safetensors import safe_open
 
 from pgolf.data.shards import list_shards
 from pgolf.io import read_json
+from pgolf.model.gpt import GPTConfig, quantizable_matrices
 
 pytestmark = pytest.mark.slow
 DATA = "results/tiny/data"
-DATA_RULES = {"tokenizer", "shards", "window_scores", "curriculum", "train", "all"}
+DATA_RULES = {"tokenizer", "shards", "window_scores", "curriculum", "train", "hessians", "all"}
 TINY_MODEL = {"num_layers": 2, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1,
               "loop_start": 0, "loop_end": 0, "num_loops": 1, "rope_train_seq_len": 64}
 TINY_TRAIN = {"seq_len": 64, "batch_tokens": 256, "steps": 4, "max_seconds": None,
@@ -28,6 +30,7 @@ def tiny_config(docs, **overrides):
         "manifest": {"num_buckets": 4},
         "model": TINY_MODEL,
         "train": TINY_TRAIN,
+        "hessian": {"batches": 2, "batch_seqs": 4},
         "seeds": [1],
     }
     for key, value in overrides.items():
@@ -78,22 +81,27 @@ def test_full_run_writes_every_data_artifact(finished):
     assert (finished.path("results/tiny/benchmarks/shards.tsv")).exists()
     train = read_json(finished.path("results/tiny/seed1/train.json"))
     assert train["steps"] == 4 and train["val"]["model"]["bpb"] > 0
+    with safe_open(str(finished.path("results/tiny/seed1/hessians.safetensors")), "pt") as f:
+        names = set(f.keys())
+    assert names == {n for n, _ in quantizable_matrices(GPTConfig(vocab_size=384, **TINY_MODEL))}
     assert finished.planned() == {}
 
 
 def test_config_edits_rerun_exactly_their_stages(finished):
     config = tiny_config(finished.docs, manifest={"num_buckets": 5})
     finished.write_config(config)
-    assert set(finished.planned()) == {"curriculum", "train", "all"}
+    assert set(finished.planned()) == {"curriculum", "train", "hessians", "all"}
     finished.run()
     assert read_json(finished.path(f"{DATA}/curriculum.json"))["num_buckets"] == 5
     assert finished.planned() == {}
     finished.write_config({**config, "tokenizer": {"vocab_size": 416}})
     assert set(finished.planned()) == DATA_RULES
     finished.write_config({**config, "scores": {"scorer": "zstd"}})
-    assert set(finished.planned()) == {"window_scores", "curriculum", "train", "all"}
+    assert set(finished.planned()) == {"window_scores", "curriculum", "train", "hessians", "all"}
     finished.write_config({**config, "train": {**TINY_TRAIN, "steps": 5}})
-    assert set(finished.planned()) == {"train", "all"}
+    assert set(finished.planned()) == {"train", "hessians", "all"}
+    finished.write_config({**config, "hessian": {"batches": 3, "batch_seqs": 4}})
+    assert set(finished.planned()) == {"hessians", "all"}  # calibration never retrains
 
 
 def test_touch_reruns_nothing_and_code_edits_rerun_their_stage(finished):
@@ -102,12 +110,14 @@ def test_touch_reruns_nothing_and_code_edits_rerun_their_stage(finished):
             os.utime(path)
     os.utime(finished.path("Snakefile"))
     assert finished.planned() == {}
-    assert edited(finished, "src/pgolf/data/manifest.py") == {"curriculum", "train", "all"}
+    after_train = {"train", "hessians", "all"}
+    assert edited(finished, "src/pgolf/data/manifest.py") == {"curriculum", *after_train}
     assert edited(finished, "workflow_scripts/window_scores.py") == {"window_scores",
-                                                                     "curriculum", "train", "all"}
+                                                                     "curriculum", *after_train}
     assert edited(finished, "src/pgolf/data/encode.py") == {"shards", "window_scores",
-                                                            "curriculum", "train", "all"}
-    assert edited(finished, "src/pgolf/train/muon.py") == {"train", "all"}
+                                                            "curriculum", *after_train}
+    assert edited(finished, "src/pgolf/train/muon.py") == after_train
+    assert edited(finished, "src/pgolf/quant/gptq.py") == set()  # nothing imports it yet
     # tokenizer.py is imported by the tokenizer and shards stages, not by the corpus stage
     assert edited(finished, "src/pgolf/data/tokenizer.py") == DATA_RULES
     assert finished.planned() == {}

@@ -8,12 +8,18 @@ lookup, gets the identity: see below). Sums and token counts are all-reduced acr
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tqdm import tqdm
 
+from pgolf.data.loader import LoaderConfig, open_streams, to_batch
 from pgolf.io import atomic_path
+from pgolf.model.checkpoint import load_model
 from pgolf.model.gpt import GPT, quantizable_matrices
+from pgolf.provenance import Provenance
 from pgolf.train.distributed import all_reduce
 
 
@@ -65,3 +71,29 @@ def save_hessians(path, hessians: dict[str, tuple[torch.Tensor, int]], meta: dic
               **{k: json.dumps(v) for k, v in meta.items()}}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)
+
+
+@dataclass(kw_only=True)
+class HessianConfig:
+    batches: int = 64
+    batch_seqs: int = 8
+    device: str = "auto"
+
+
+def build_hessians(model_path: Path, shard_dir: Path, out: Path, *, cfg: HessianConfig,
+                   seq_len: int, seed: int, provenance: Provenance | None = None) -> dict:
+    """The Hessians stage: calibrate on *training* windows (never validation), looping active."""
+    device = torch.device("cuda" if cfg.device == "cuda" or (
+        cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    model = load_model(model_path, device).eval()
+    model.looping = model.cfg.num_loops > 0  # calibrate the network that will be evaluated
+    (stream,) = open_streams(LoaderConfig(sampler="shuffled", streams=1), shard_dir=shard_dir,
+                             manifest=None, seq_len=seq_len, vocab_size=model.cfg.vocab_size,
+                             seed=seed, streams=[0])
+    batches = (to_batch(stream.draw(cfg.batch_seqs, 1.0), device)[0] for _ in range(cfg.batches))
+    hessians = collect_hessians(model, tqdm(batches, total=cfg.batches, desc="calibrate"),
+                                autocast=device.type == "cuda")
+    meta = {"batches": cfg.batches, "batch_seqs": cfg.batch_seqs, "seq_len": seq_len,
+            "provenance": provenance.record() if provenance else None}
+    save_hessians(out, hessians, meta)
+    return hessians

@@ -15,28 +15,25 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import save_file
 
 from pgolf.config import section
 from pgolf.data.loader import open_streams
 from pgolf.data.shards import list_shards, read_shard, summary_path
 from pgolf.data.tokenizer import ByteLUT, load_tokenizer
 from pgolf.eval.bpb import evaluate, unigram_bpb, val_stream
-from pgolf.io import atomic_path, read_json, sha256_file, write_json
+from pgolf.io import read_json, sha256_file, write_json
+from pgolf.model.checkpoint import save_model
 from pgolf.model.gpt import GPTConfig
 from pgolf.provenance import Provenance
 from pgolf.train import distributed
 from pgolf.train.checkpoint import load_state, save_state
 from pgolf.train.trainer import Run, TrainConfig, build_run, train_loop
-
-MODEL_FORMAT = "pgolf-model-v1"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -118,14 +115,6 @@ def checkpointer(state_dir: Path, key: str, every: int):
     return on_step
 
 
-def write_model(path: Path, run: Run, seed: int) -> None:
-    tensors = {k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()}
-    meta = {"format": MODEL_FORMAT, "config": json.dumps(asdict(run.model.cfg)),
-            "seed": str(seed), "step": str(run.step), "looping": str(run.model.looping)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-
-
 def train_counts(shard_dir: Path, vocab_size: int, limit: int = 100_000_000) -> np.ndarray:
     counts, seen = np.zeros(vocab_size, dtype=np.int64), 0
     for path in list_shards(shard_dir, "train"):
@@ -204,7 +193,8 @@ def run_training(args, spec, model_cfg: GPTConfig, cfg: TrainConfig, dist) -> in
     val = validate(run, args)
     timings = {"compile_warmup_seconds": warmup_seconds, "resumed_from_step": resumed}
     if dist.main:
-        write_model(args.model, run, args.seed)
+        save_model(args.model, run.model, seed=args.seed, step=run.step,
+                   looping=run.model.looping)
         pq.write_table(pa.Table.from_pylist(run.metrics), args.metrics)
         write_json(args.meta, summary(run, args, spec, timings, val, prov))
         shutil.rmtree(args.state_dir, ignore_errors=True)  # finished: the resume state is spent
