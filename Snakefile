@@ -16,6 +16,7 @@ include: "rules/scores.smk"
 include: "rules/manifest.smk"
 include: "rules/train.smk"
 include: "rules/hessians.smk"
+include: "rules/quantize.smk"
 
 
 rule all:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pgolf.codehash import code_hash
 from pgolf.config import validate_config
+from pgolf.quant.export import DECODER_ENTRY
 
 
 def check_config():
@@ -47,11 +48,13 @@ def bench(name):
     return f"results/{RUN}/benchmarks/{name}.tsv"
 
 
-def stage_code(script):
-    """Content hash of a workflow script (or a pgolf entry module, by path under the checkout)
-    and every pgolf module it imports: the rerun trigger."""
-    path = SCRIPTS / script if "/" not in script else Path(workflow.basedir) / script
-    return code_hash(path, src=SRC)
+def stage_code(*scripts):
+    """Content hash of workflow scripts (or pgolf modules, by path under the checkout) and every
+    pgolf module they import: the rerun trigger."""
+    paths = [
+        SCRIPTS / s if "/" not in s else Path(workflow.basedir) / s for s in scripts
+    ]
+    return code_hash(*paths, src=SRC)
 
 
 def seed_path(name):
@@ -71,8 +74,12 @@ def train_gpus():
 
 
 def final_targets():
-    per_seed = expand(seed_path("hessians.safetensors"), seed=SEEDS)
-    return [data("curriculum.parquet"), data("curriculum.png"), *per_seed]
+    artifacts = expand(
+        seed_path("artifact/{policy}.json"),
+        seed=SEEDS,
+        policy=config["allocate"]["policies"],
+    )
+    return [data("curriculum.parquet"), data("curriculum.png"), *artifacts]
 
 
 # Input functions: what a stage reads depends on the configured source.

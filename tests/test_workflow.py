@@ -11,10 +11,12 @@ from safetensors import safe_open
 from pgolf.data.shards import list_shards
 from pgolf.io import read_json
 from pgolf.model.gpt import GPTConfig, quantizable_matrices
+from pgolf.quant.artifact import read_artifact
 
 pytestmark = pytest.mark.slow
 DATA = "results/tiny/data"
-DATA_RULES = {"tokenizer", "shards", "window_scores", "curriculum", "train", "hessians", "all"}
+AFTER_TRAIN = {"train", "hessians", "allocate", "artifact", "all"}
+DATA_RULES = {"tokenizer", "shards", "window_scores", "curriculum", *AFTER_TRAIN}
 TINY_MODEL = {"num_layers": 2, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1,
               "loop_start": 0, "loop_end": 0, "num_loops": 1, "rope_train_seq_len": 64}
 TINY_TRAIN = {"seq_len": 64, "batch_tokens": 256, "steps": 4, "max_seconds": None,
@@ -84,24 +86,35 @@ def test_full_run_writes_every_data_artifact(finished):
     with safe_open(str(finished.path("results/tiny/seed1/hessians.safetensors")), "pt") as f:
         names = set(f.keys())
     assert names == {n for n, _ in quantizable_matrices(GPTConfig(vocab_size=384, **TINY_MODEL))}
+    packed = read_json(finished.path("results/tiny/seed1/artifact/uniform.json"))
+    pgz = finished.path("results/tiny/seed1/artifact/uniform.pgz")
+    assert packed["artifact_bytes"] == pgz.stat().st_size
+    assert packed["total_bytes"] == packed["artifact_bytes"] + packed["code"]["bytes"]
+    tensors, meta = read_artifact(pgz)
+    assert tensors["tok_emb.weight"].bits == 8 and tensors["blocks.0.mlp.fc.weight"].bits == 6
+    assert meta["model"]["num_layers"] == TINY_MODEL["num_layers"]
     assert finished.planned() == {}
 
 
 def test_config_edits_rerun_exactly_their_stages(finished):
     config = tiny_config(finished.docs, manifest={"num_buckets": 5})
     finished.write_config(config)
-    assert set(finished.planned()) == {"curriculum", "train", "hessians", "all"}
+    assert set(finished.planned()) == {"curriculum", *AFTER_TRAIN}
     finished.run()
     assert read_json(finished.path(f"{DATA}/curriculum.json"))["num_buckets"] == 5
     assert finished.planned() == {}
     finished.write_config({**config, "tokenizer": {"vocab_size": 416}})
     assert set(finished.planned()) == DATA_RULES
     finished.write_config({**config, "scores": {"scorer": "zstd"}})
-    assert set(finished.planned()) == {"window_scores", "curriculum", "train", "hessians", "all"}
+    assert set(finished.planned()) == {"window_scores", "curriculum", *AFTER_TRAIN}
     finished.write_config({**config, "train": {**TINY_TRAIN, "steps": 5}})
-    assert set(finished.planned()) == {"train", "hessians", "all"}
+    assert set(finished.planned()) == AFTER_TRAIN
     finished.write_config({**config, "hessian": {"batches": 3, "batch_seqs": 4}})
-    assert set(finished.planned()) == {"hessians", "all"}  # calibration never retrains
+    assert set(finished.planned()) == {"hessians", "artifact", "all"}  # never retrains
+    finished.write_config({**config, "gptq": {"damp": 0.02}})
+    assert set(finished.planned()) == {"artifact", "all"}  # re-quantizes only
+    finished.write_config({**config, "allocate": {"matrix_bits": 5}})
+    assert set(finished.planned()) == {"allocate", "artifact", "all"}
 
 
 def test_touch_reruns_nothing_and_code_edits_rerun_their_stage(finished):
@@ -110,17 +123,28 @@ def test_touch_reruns_nothing_and_code_edits_rerun_their_stage(finished):
             os.utime(path)
     os.utime(finished.path("Snakefile"))
     assert finished.planned() == {}
-    after_train = {"train", "hessians", "all"}
+    after_train = AFTER_TRAIN
     assert edited(finished, "src/pgolf/data/manifest.py") == {"curriculum", *after_train}
     assert edited(finished, "workflow_scripts/window_scores.py") == {"window_scores",
                                                                      "curriculum", *after_train}
     assert edited(finished, "src/pgolf/data/encode.py") == {"shards", "window_scores",
                                                             "curriculum", *after_train}
     assert edited(finished, "src/pgolf/train/muon.py") == after_train
-    assert edited(finished, "src/pgolf/quant/gptq.py") == set()  # nothing imports it yet
+    assert edited(finished, "src/pgolf/quant/gptq.py") == {"artifact", "all"}
+    assert edited(finished, "src/pgolf/quant/codec.py") == {"artifact", "all"}
+    assert edited(finished, "src/pgolf/eval/bpb.py") == AFTER_TRAIN  # train validates with it
     # tokenizer.py is imported by the tokenizer and shards stages, not by the corpus stage
     assert edited(finished, "src/pgolf/data/tokenizer.py") == DATA_RULES
     assert finished.planned() == {}
+
+
+def test_size_gate_fails_with_the_breakdown_and_leaves_no_artifact(finished):
+    finished.write_config(tiny_config(finished.docs, pack={"limit_bytes": 10_000}))
+    result = finished.run(check=False)
+    log = finished.path("results/tiny/logs/artifact_seed1_uniform.log").read_text()
+    assert result.returncode != 0 and "exceeds pack.limit_bytes=10,000" in log
+    assert "largest tensors: tok_emb.weight" in log
+    assert not finished.path("results/tiny/seed1/artifact/uniform.pgz").exists()
 
 
 def test_corrupt_shard_fails_and_leaves_no_output(finished):

@@ -13,8 +13,8 @@ from pathlib import Path
 PACKAGE = "pgolf"
 
 
-def code_hash(*scripts: str | Path, src: str | Path) -> str:
-    """sha256 over the given files and the pgolf modules under `src` they import (transitively)."""
+def import_closure(*scripts: str | Path, src: str | Path) -> list[Path]:
+    """The given files and every pgolf module under `src` they import, transitively, sorted."""
     src = Path(src)
     files = set()
     pending = [Path(s) for s in scripts]
@@ -24,8 +24,14 @@ def code_hash(*scripts: str | Path, src: str | Path) -> str:
             continue
         files.add(path)
         pending.extend(_imported_modules(path, src))
+    return sorted(files, key=lambda p: _label(p, src))
+
+
+def code_hash(*scripts: str | Path, src: str | Path) -> str:
+    """sha256 over the given files and the pgolf modules under `src` they import (transitively)."""
+    src = Path(src)
     digest = hashlib.sha256()
-    for path in sorted(files, key=lambda p: _label(p, src)):
+    for path in import_closure(*scripts, src=src):
         digest.update(_label(path, src).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()[:16]
 

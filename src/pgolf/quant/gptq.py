@@ -100,8 +100,11 @@ class GPTQConfig:
 
     def __post_init__(self):
         if self.clip_sigmas is None:
-            self.clip_sigmas = {2: 3.0, 3: 4.5, 4: 6.5, 5: 9.0, 6: 12.85, 7: 16.0, 8: 20.0}
-        self.clip_sigmas = {int(k): float(v) for k, v in self.clip_sigmas.items()}
+            self.clip_sigmas = {"int2": 3.0, "int3": 4.5, "int4": 6.5, "int5": 9.0,
+                                "int6": 12.85, "int7": 16.0, "int8": 20.0}
+        # YAML keys read "int6"; code asks by bit width.
+        self.clip_sigmas = {int(str(k).removeprefix("int")): float(v)
+                            for k, v in self.clip_sigmas.items()}
 
     def quantize(self, W: torch.Tensor, H: torch.Tensor, bits: int):
         if bits not in self.clip_sigmas:

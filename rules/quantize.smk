@@ -1,0 +1,43 @@
+# Allocation and packing: bits per tensor for each policy, then the GPTQ-quantized artifact.
+
+
+rule allocate:
+    input:
+        model=seed_path("model.safetensors"),
+    output:
+        seed_path("alloc/{policy}.json"),
+    log:
+        f"results/{RUN}/logs/allocate_seed{{seed}}_{{policy}}.log",
+    benchmark:
+        f"results/{RUN}/benchmarks/allocate_seed{{seed}}_{{policy}}.tsv"
+    conda:
+        "../envs/pgolf.yaml"
+    params:
+        allocate=config["allocate"],
+        code=stage_code("allocate.py"),
+    script:
+        "../workflow_scripts/allocate.py"
+
+
+rule artifact:
+    input:
+        model=seed_path("model.safetensors"),
+        hessians=seed_path("hessians.safetensors"),
+        allocation=seed_path("alloc/{policy}.json"),
+    output:
+        artifact=seed_path("artifact/{policy}.pgz"),
+        meta=seed_path("artifact/{policy}.json"),
+    log:
+        f"results/{RUN}/logs/artifact_seed{{seed}}_{{policy}}.log",
+    benchmark:
+        f"results/{RUN}/benchmarks/artifact_seed{{seed}}_{{policy}}.tsv"
+    conda:
+        "../envs/pgolf.yaml"
+    threads: 2
+    params:
+        gptq=config["gptq"],
+        pack=config["pack"],
+        # code bytes are counted from the decoder/evaluator sources: they are code of this stage
+        code=stage_code("artifact.py", *(f"src/{e}" for e in DECODER_ENTRY)),
+    script:
+        "../workflow_scripts/artifact.py"

@@ -1,0 +1,108 @@
+"""From EMA weights and Hessians to the packed artifact: quantize, pack, count code bytes, gate.
+
+What counts as code bytes: the source a submission needs to decode the artifact and evaluate it
+(the import closure of the artifact reader, the model and the BPB evaluation), bundled, compressed
+with brotli-11, base85-encoded and wrapped in a two-line `exec` loader: the way the upstream SOTA
+record counts its code (it also minifies first, so this count is, if anything, high).
+"""
+
+import base64
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import brotli
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from pgolf.codehash import import_closure
+from pgolf.io import write_json
+from pgolf.model.checkpoint import read_header
+from pgolf.provenance import Provenance
+from pgolf.quant.artifact import Quantized, write_artifact
+from pgolf.quant.codec import entropy_bound_bytes
+from pgolf.quant.gptq import GPTQConfig, qmax
+
+CHALLENGE_BYTES = 16_000_000
+SRC = Path(__file__).resolve().parents[2]  # the source tree this code runs from
+DECODER_ENTRY = ("pgolf/quant/artifact.py", "pgolf/model/gpt.py", "pgolf/eval/bpb.py")
+WRAPPER = "import base64,brotli\nexec(brotli.decompress(base64.b85decode({!r})))\n"
+
+
+def code_bytes(src: Path) -> dict:
+    """Counted bytes of the decoder/evaluator source, and the files they come from."""
+    src = Path(src)
+    files = import_closure(*(src / e for e in DECODER_ENTRY), src=src)
+    bundle = b"".join(f"# {f.relative_to(src)}\n".encode() + f.read_bytes() for f in files)
+    packed = base64.b85encode(brotli.compress(bundle, quality=11))
+    wrapper = WRAPPER.format(packed.decode()).encode()
+    return {"bytes": len(wrapper), "source_bytes": len(bundle),
+            "files": [str(f.relative_to(src)) for f in files]}
+
+
+def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor],
+                   bits: dict[str, int], cfg: GPTQConfig) -> dict:
+    """GPTQ for every tensor in `bits`; every other tensor passes through (fp16 in the artifact)."""
+    missing = sorted(set(bits) - set(hessians))
+    if missing:
+        raise ValueError(f"no Hessian for {missing[:5]}{'...' if len(missing) > 5 else ''}")
+    out = {}
+    for name, tensor in state.items():
+        if name in bits:
+            codes, scales = cfg.quantize(tensor, hessians[name], bits[name])
+            out[name] = Quantized(codes, scales, bits[name])
+        else:
+            out[name] = tensor
+    return out
+
+
+def dequantize_state(tensors: dict) -> dict[str, torch.Tensor]:
+    return {n: (t.codes.float() * t.scales.float()[:, None]) if isinstance(t, Quantized) else t
+            for n, t in tensors.items()}
+
+
+@dataclass(kw_only=True)
+class PackConfig:
+    limit_bytes: int = CHALLENGE_BYTES  # artifact + code bytes must not exceed this
+
+
+def size_gate(artifact: Path, info: dict, code: dict, cfg: PackConfig) -> None:
+    total = info["bytes"] + code["bytes"]
+    if total <= cfg.limit_bytes:
+        return
+    largest = sorted(((v.get("codes", 0) + v.get("scales", 0) + v.get("bytes", 0), k)
+                      for k, v in info["breakdown"].items() if isinstance(v, dict)), reverse=True)
+    top = ", ".join(f"{k} {n:,} B" for n, k in largest[:5])
+    raise ValueError(f"artifact {artifact}: {info['bytes']:,} B + code {code['bytes']:,} B = "
+                     f"{total:,} B exceeds pack.limit_bytes={cfg.limit_bytes:,} by "
+                     f"{total - cfg.limit_bytes:,} B; largest tensors: {top}")
+
+
+def build_artifact(model: Path, hessians: Path, allocation: Path, out: Path, meta_out: Path, *,
+                   gptq: GPTQConfig, pack: PackConfig, src: Path = SRC,
+                   provenance: Provenance | None = None) -> dict:
+    """The artifact stage: quantize per the allocation, pack, count, gate, write the breakdown."""
+    bits = {k: int(v) for k, v in json.loads(Path(allocation).read_text())["bits"].items()}
+    tensors = quantize_state(load_file(str(model)), load_file(str(hessians)), bits, gptq)
+    header = read_header(model)
+    info = write_artifact(out, tensors, {"model": json.loads(header["config"]),
+                                         "looping": json.loads(header.get("looping", "false"))})
+    code = code_bytes(src)
+    bound = sum(entropy_bound_bytes(t.codes.numpy().astype(np.int64) + qmax(t.bits))
+                for t in tensors.values() if isinstance(t, Quantized))
+    codes_bytes = sum(v["codes"] for v in info["breakdown"].values()
+                      if isinstance(v, dict) and "codes" in v)
+    summary = {"artifact_bytes": info["bytes"], "code": code,
+               "total_bytes": info["bytes"] + code["bytes"], "limit_bytes": pack.limit_bytes,
+               "margin_bytes": pack.limit_bytes - info["bytes"] - code["bytes"],
+               "codes_bytes": codes_bytes, "codes_entropy_bound_bytes": bound,
+               "breakdown": info["breakdown"],
+               "provenance": provenance.record() if provenance else None}
+    try:
+        size_gate(out, info, code, pack)
+    except ValueError:
+        out.unlink()  # an over-budget artifact must not look complete
+        raise
+    write_json(meta_out, summary)
+    return summary
