@@ -203,6 +203,15 @@ class Block(nn.Module):
         return x + self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale)
 
 
+@dataclass
+class State:
+    """What the network carries between virtual layers."""
+
+    x: torch.Tensor
+    x0: torch.Tensor
+    stack: list
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -229,23 +238,34 @@ class GPT(nn.Module):
         if self.lm_head is not None:
             nn.init.orthogonal_(self.lm_head.weight)
 
-    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
-        """Final normalised hidden states (B, T, d): the LM head's input."""
-        x = x0 = rms_norm(self.tok_emb(idx))
+    def initial_state(self, idx: torch.Tensor) -> "State":
+        x0 = rms_norm(self.tok_emb(idx))
+        return State(x0, x0, [])
+
+    def advance(self, state: "State", start: int, stop: int) -> "State":
+        """Run virtual layers start..stop-1 from `state` (the residual stream, the embedding
+        stream and the encoder outputs not yet consumed by skips). Positions before the encoder
+        end push their outputs; each decoder position first pops one as its skip."""
         encoder, decoder = self.cfg.split(self.looping)
-        stack = []
-        for layer in encoder:
-            x = self.blocks[layer](x, x0)
-            stack.append(x)
-        for j, layer in enumerate(decoder):
-            if self.skip_weights is not None and j < len(self.skip_weights) and stack:
+        sequence, n_enc = encoder + decoder, len(encoder)
+        x, x0, stack = state.x, state.x0, list(state.stack)
+        for p in range(start, stop):
+            j = p - n_enc
+            if j >= 0 and self.skip_weights is not None and j < len(self.skip_weights) and stack:
                 skip = self.skip_weights[j].to(x.dtype) * stack.pop()
                 if self.skip_gates is not None:  # lerp(skip, x, g) = skip + g (x - skip)
                     x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
                 else:
                     x = x + skip
-            x = self.blocks[layer](x, x0)
-        return rms_norm(x)
+            x = self.blocks[sequence[p]](x, x0)
+            if j < 0:
+                stack.append(x)
+        return State(x, x0, stack)
+
+    def hidden(self, idx: torch.Tensor) -> torch.Tensor:
+        """Final normalised hidden states (B, T, d): the LM head's input."""
+        depth = len(self.cfg.layer_sequence(self.looping))
+        return rms_norm(self.advance(self.initial_state(idx), 0, depth).x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
