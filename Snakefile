@@ -8,6 +8,12 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+wildcard_constraints:
+    seed=r"\d+",
+    policy=r"[a-z0-9_]+",
+    matrix=r"[A-Za-z0-9_.]+",
+
+
 include: "rules/common.smk"
 include: "rules/corpus.smk"
 include: "rules/tokenizer.smk"
@@ -17,6 +23,7 @@ include: "rules/manifest.smk"
 include: "rules/train.smk"
 include: "rules/hessians.smk"
 include: "rules/quantize.smk"
+include: "rules/sweep.smk"
 
 
 rule all:

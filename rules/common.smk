@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pgolf.codehash import code_hash
 from pgolf.config import validate_config
+from pgolf.model.config import GPTConfig, quantizable_matrices
 from pgolf.quant.export import DECODER_ENTRY
 
 
@@ -27,9 +28,21 @@ def check_config():
         raise WorkflowError(f"{where}: corpus.source='shards' needs tokenizer.model")
 
 
+def model_matrices():
+    """Checkpoint names of the quantizable matrices: the sweep fans out on them (no weights)."""
+    try:
+        model = GPTConfig(
+            **config["model"], vocab_size=config["tokenizer"]["vocab_size"]
+        )
+    except ValueError as err:
+        raise WorkflowError(f"invalid model config: {err}") from None
+    return [name for name, _ in quantizable_matrices(model)]
+
+
 check_config()
 
 RUN = config["run"]
+MATRICES = model_matrices()
 SEEDS = config["seeds"]
 SRC = Path(workflow.basedir) / "src"
 SCRIPTS = Path(workflow.basedir) / "workflow_scripts"
@@ -79,7 +92,13 @@ def final_targets():
         seed=SEEDS,
         policy=config["allocate"]["policies"],
     )
-    return [data("curriculum.parquet"), data("curriculum.png"), *artifacts]
+    sensitivity = expand(seed_path("sensitivity.parquet"), seed=SEEDS)
+    return [
+        data("curriculum.parquet"),
+        data("curriculum.png"),
+        *artifacts,
+        *sensitivity,
+    ]
 
 
 # Input functions: what a stage reads depends on the configured source.

@@ -4,6 +4,7 @@ import os
 import shutil
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from conftest import Workflow, make_workflow, write_jsonl
 from safetensors import safe_open
@@ -15,7 +16,7 @@ from pgolf.quant.artifact import read_artifact
 
 pytestmark = pytest.mark.slow
 DATA = "results/tiny/data"
-AFTER_TRAIN = {"train", "hessians", "allocate", "artifact", "all"}
+AFTER_TRAIN = {"train", "hessians", "allocate", "artifact", "sweep", "sensitivity", "all"}
 DATA_RULES = {"tokenizer", "shards", "window_scores", "curriculum", *AFTER_TRAIN}
 TINY_MODEL = {"num_layers": 2, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1,
               "loop_start": 0, "loop_end": 0, "num_loops": 1, "rope_train_seq_len": 64}
@@ -33,6 +34,7 @@ def tiny_config(docs, **overrides):
         "model": TINY_MODEL,
         "train": TINY_TRAIN,
         "hessian": {"batches": 2, "batch_seqs": 4},
+        "sweep": {"bits": [4, 8], "windows": 8, "batch_seqs": 8},
         "seeds": [1],
     }
     for key, value in overrides.items():
@@ -93,6 +95,9 @@ def test_full_run_writes_every_data_artifact(finished):
     tensors, meta = read_artifact(pgz)
     assert tensors["tok_emb.weight"].bits == 8 and tensors["blocks.0.mlp.fc.weight"].bits == 6
     assert meta["model"]["num_layers"] == TINY_MODEL["num_layers"]
+    table = pq.read_table(finished.path("results/tiny/seed1/sensitivity.parquet")).to_pylist()
+    assert {(r["matrix"], r["bits"]) for r in table} == {(n, b) for n in names for b in (4, 8)}
+    assert all(r["noise_se"] >= 0 and r["bytes"] > 0 for r in table)
     assert finished.planned() == {}
 
 
@@ -110,9 +115,12 @@ def test_config_edits_rerun_exactly_their_stages(finished):
     finished.write_config({**config, "train": {**TINY_TRAIN, "steps": 5}})
     assert set(finished.planned()) == AFTER_TRAIN
     finished.write_config({**config, "hessian": {"batches": 3, "batch_seqs": 4}})
-    assert set(finished.planned()) == {"hessians", "artifact", "all"}  # never retrains
+    sweeps = {"sweep", "sensitivity"}
+    assert set(finished.planned()) == {"hessians", "artifact", *sweeps, "all"}  # never retrains
     finished.write_config({**config, "gptq": {"damp": 0.02}})
-    assert set(finished.planned()) == {"artifact", "all"}  # re-quantizes only
+    assert set(finished.planned()) == {"artifact", *sweeps, "all"}  # re-quantizes only
+    finished.write_config({**config, "sweep": {"bits": [4, 6], "windows": 8}})
+    assert set(finished.planned()) == {*sweeps, "all"}
     finished.write_config({**config, "allocate": {"matrix_bits": 5}})
     assert set(finished.planned()) == {"allocate", "artifact", "all"}
 
@@ -130,8 +138,9 @@ def test_touch_reruns_nothing_and_code_edits_rerun_their_stage(finished):
     assert edited(finished, "src/pgolf/data/encode.py") == {"shards", "window_scores",
                                                             "curriculum", *after_train}
     assert edited(finished, "src/pgolf/train/muon.py") == after_train
-    assert edited(finished, "src/pgolf/quant/gptq.py") == {"artifact", "all"}
-    assert edited(finished, "src/pgolf/quant/codec.py") == {"artifact", "all"}
+    quantizers = {"artifact", "sweep", "sensitivity", "all"}
+    assert edited(finished, "src/pgolf/quant/gptq.py") == quantizers
+    assert edited(finished, "src/pgolf/quant/codec.py") == quantizers
     assert edited(finished, "src/pgolf/eval/bpb.py") == AFTER_TRAIN  # train validates with it
     # tokenizer.py is imported by the tokenizer and shards stages, not by the corpus stage
     assert edited(finished, "src/pgolf/data/tokenizer.py") == DATA_RULES
@@ -209,7 +218,7 @@ def test_upstream_shard_folder_source(finished, tokenizer_path, tmp_path):
                          tokenizer={"model": str(tmp_path / "sp384.model")})
     finished.write_config(config)
     assert "corpus" not in finished.planned()
-    finished.run()
+    finished.run(f"{DATA}/shards.json")  # the shards are what this source changes
     before = read_json(finished.path(f"before/{DATA.split('/', 1)[1]}/shards.json"))
     after = read_json(finished.path(f"{DATA}/shards.json"))
     for split in ("val", "train"):
@@ -218,7 +227,7 @@ def test_upstream_shard_folder_source(finished, tokenizer_path, tmp_path):
     bad = upstream / "fineweb_train_000001.bin"
     with open(bad, "r+b") as f:
         f.write(np.int32(7).tobytes())  # wrong magic
-    result = finished.run("--forcerun", "shards", check=False)
+    result = finished.run(f"{DATA}/shards.json", "--forcerun", "shards", check=False)
     log = finished.path("results/tiny/logs/shards.log").read_text()
     assert result.returncode != 0 and f"shard {bad}: wrong magic 7" in log
     assert not finished.path(f"{DATA}/shards.json").exists()

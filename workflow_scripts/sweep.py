@@ -1,0 +1,23 @@
+"""Sweep stage: dBPB per bit width when only one matrix is quantized."""
+
+from pathlib import Path
+
+from pgolf.config import section
+from pgolf.quant.gptq import GPTQConfig
+from pgolf.quant.sweep import SweepConfig, build_sweep
+from pgolf.stage import logged, provenance
+
+with logged(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
+    sm = snakemake  # noqa: F821
+    build_sweep(
+        Path(sm.input.model),
+        Path(sm.input.hessians),
+        Path(sm.input.shards),
+        Path(sm.input.tokenizer),
+        sm.wildcards.matrix,
+        Path(sm.output[0]),
+        cfg=section(SweepConfig, sm.params.sweep, "sweep"),
+        gptq=section(GPTQConfig, sm.params.gptq, "gptq"),
+        seq_len=sm.params.seq_len,
+        provenance=provenance(sm, stage="sweep"),
+    )
