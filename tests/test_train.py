@@ -76,7 +76,7 @@ def test_two_gloo_processes_match_one_process(data, tmp_path):
     w1, w2 = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     assert all(np.allclose(w1[k].numpy(), w2[k].numpy(), atol=1e-4) for k in w1)
     meta = json.loads((tmp_path / "two" / "train.json").read_text())
-    assert meta["world_size"] == 2 and meta["steps"] == 8
+    assert meta["world_size"] == 2 and meta["steps"] == 8 and meta["stopped_by"] == "steps"
     assert meta["val"]["model"]["bpb"] < meta["val"]["unigram"]["bpb"] + 1.0
     assert meta["looping_from_step"] == 5  # progress 4/8 reaches loop_enable_at 0.5 at step 5
 

@@ -147,6 +147,7 @@ def summary(run: Run, args, spec: dict, timings: dict, val: dict, prov: Provenan
             "tokens": run.step * run.cfg.batch_tokens, "train_seconds": run.elapsed,
             **timings, "final_loss": float(np.mean(losses[-10:])) if losses else None,
             "looping_from_step": looping[0] if looping else None,
+            "stopped_by": "steps" if run.cfg.steps and run.step >= run.cfg.steps else "wallclock",
             "params": sum(p.numel() for p in run.model.parameters()),
             "val": val, "provenance": prov.record()}
 
