@@ -153,3 +153,19 @@ def test_compile_warmup_leaves_no_trace():
     assert [m["loss"] for m in warmed.metrics] == [m["loss"] for m in plain.metrics]
     for name, tensor in plain.model.state_dict().items():
         assert torch.equal(tensor, warmed.model.state_dict()[name]), name
+
+
+def test_manifest_for_another_vocab_or_seq_len_is_refused(tmp_path):
+    import pyarrow as pa
+
+    from pgolf.data.loader import check_manifest
+    from pgolf.data.scores import write_table
+
+    path = tmp_path / "curriculum.parquet"
+    write_table(pa.table({"shard": ["a"], "start": [0], "bucket": [0]}), path,
+                {"seq_len": 64, "vocab_size": 1024, "num_buckets": 1})
+    assert check_manifest(path, seq_len=64, vocab_size=1024)["num_buckets"] == 1
+    with pytest.raises(ValueError, match=r"vocab size 1024 does not match model.vocab_size=8192"):
+        check_manifest(path, seq_len=64, vocab_size=8192)
+    with pytest.raises(ValueError, match=r"seq_len 64 does not match train.seq_len=128"):
+        check_manifest(path, seq_len=128, vocab_size=1024)
