@@ -54,7 +54,8 @@ class Workflow:
 
     def run(self, *args: str, config: str | list = "test.yaml", check: bool = True):
         configs = [config] if isinstance(config, str) else list(map(str, config))
-        cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", *configs, *args]
+        # --configfile takes several values, so targets and flags must come before it.
+        cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args, "--configfile", *configs]
         result = subprocess.run(cmd, cwd=self.root, capture_output=True, text=True)
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
