@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pgolf.data.scores import read_metadata, write_table
-from pgolf.io import atomic_path, write_json
+from pgolf.io import write_json
+from pgolf.plot import figure
 from pgolf.provenance import Provenance
 
 
@@ -69,18 +70,9 @@ def _bucket_stats(s: np.ndarray) -> dict:
 
 
 def plot_histogram(score: np.ndarray, edges: list[float], out: Path, *, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.hist(score, bins=100, color="#4c72b0")
-    for edge in edges:
-        ax.axvline(edge, color="#c44e52", lw=1)
-    ax.set(title=f"{title}: {len(score)} windows, {len(edges) + 1} equal-count buckets",
-           xlabel="score (lower = easier)", ylabel="windows")
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    with figure(out, size=(7, 3.5)) as ax:
+        ax.hist(score, bins=100, color="#4c72b0")
+        for edge in edges:
+            ax.axvline(edge, color="#c44e52", lw=1)
+        ax.set(title=f"{title}: {len(score)} windows, {len(edges) + 1} equal-count buckets",
+               xlabel="score (lower = easier)", ylabel="windows")

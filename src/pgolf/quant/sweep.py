@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
 
@@ -20,6 +21,7 @@ from pgolf.data.tokenizer import ByteLUT, load_tokenizer, target_bytes
 from pgolf.eval.bpb import val_stream
 from pgolf.model.checkpoint import load_model
 from pgolf.model.gpt import GPT, State, rms_norm
+from pgolf.plot import figure
 from pgolf.quant.artifact import encode_codes
 from pgolf.quant.codec import compress_best, shuffle_bytes
 from pgolf.quant.gptq import GPTQConfig, dequantize, round_to_nearest, weighted_error
@@ -133,8 +135,6 @@ def build_sweep(model_path, hessians_path, shard_dir, tokenizer, matrix: str, ou
 
 def aggregate_sensitivity(paths: list, out, plot_out, *, provenance=None) -> pa.Table:
     """All matrices' rows in one table, and a plot of slopes with their noise floors."""
-    import pyarrow.parquet as pq
-
     table = pa.concat_tables([pq.read_table(p) for p in paths])
     write_table(table, out, {"definition": DEFINITION,
                              "provenance": provenance.record() if provenance else None})
@@ -143,23 +143,12 @@ def aggregate_sensitivity(paths: list, out, plot_out, *, provenance=None) -> pa.
 
 
 def plot_slopes(rows: list[dict], out) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pgolf.io import atomic_path
-
     bits = sorted({r["bits"] for r in rows})
     mid = bits[len(bits) // 2]
     chosen = sorted((r for r in rows if r["bits"] == mid), key=lambda r: -r["dbpb"])
-    fig, ax = plt.subplots(figsize=(8, max(3, 0.22 * len(chosen))))
-    ax.barh([r["matrix"] for r in chosen], [r["dbpb"] for r in chosen],
-            xerr=[2 * r["noise_se"] for r in chosen], color="#4c72b0", ecolor="#c44e52")
-    ax.invert_yaxis()
-    ax.set(xlabel=f"dBPB at int{mid} (error bars: 2 x noise SE)",
-           title="Per-matrix quantization damage")
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    with figure(out, size=(8, max(3, 0.22 * len(chosen)))) as ax:
+        ax.barh([r["matrix"] for r in chosen], [r["dbpb"] for r in chosen],
+                xerr=[2 * r["noise_se"] for r in chosen], color="#4c72b0", ecolor="#c44e52")
+        ax.invert_yaxis()
+        ax.set(xlabel=f"dBPB at int{mid} (error bars: 2 x noise SE)",
+               title="Per-matrix quantization damage")
