@@ -5,7 +5,7 @@ from pathlib import Path
 from pgolf.codehash import code_hash
 from pgolf.config import validate_config
 from pgolf.model.config import GPTConfig, quantizable_matrices
-from pgolf.quant.export import DECODER_ENTRY
+from pgolf.quant.codebytes import DECODER_ENTRY
 
 
 def check_config():

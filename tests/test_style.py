@@ -35,3 +35,10 @@ def test_functions_stay_short():
                 if lines > 60:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines})")
     assert not long, long
+
+
+def test_dag_build_does_not_import_torch():
+    # rules/common.smk imports these on every snakemake call; torch would add ~1.5 s to each.
+    code = ("import sys, pgolf.codehash, pgolf.config, pgolf.model.config, pgolf.quant.codebytes;"
+            "assert 'torch' not in sys.modules, 'torch imported at DAG build'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,44 +1,23 @@
-"""From EMA weights and Hessians to the packed artifact: quantize, pack, count code bytes, gate.
+"""From EMA weights and Hessians to the packed artifact: quantize, pack, count code bytes, gate."""
 
-What counts as code bytes: the source a submission needs to decode the artifact and evaluate it
-(the import closure of the artifact reader, the model and the BPB evaluation), bundled, compressed
-with brotli-11, base85-encoded and wrapped in a two-line `exec` loader: the way the upstream SOTA
-record counts its code (it also minifies first, so this count is, if anything, high).
-"""
-
-import base64
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import brotli
 import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from pgolf.codehash import import_closure
 from pgolf.io import write_json
 from pgolf.model.checkpoint import read_header
 from pgolf.provenance import Provenance
 from pgolf.quant.artifact import Quantized, write_artifact
+from pgolf.quant.codebytes import code_bytes
 from pgolf.quant.codec import entropy_bound_bytes
 from pgolf.quant.gptq import GPTQConfig, qmax
 
 CHALLENGE_BYTES = 16_000_000
 SRC = Path(__file__).resolve().parents[2]  # the source tree this code runs from
-DECODER_ENTRY = ("pgolf/quant/artifact.py", "pgolf/model/gpt.py", "pgolf/eval/bpb.py")
-WRAPPER = "import base64,brotli\nexec(brotli.decompress(base64.b85decode({!r})))\n"
-
-
-def code_bytes(src: Path) -> dict:
-    """Counted bytes of the decoder/evaluator source, and the files they come from."""
-    src = Path(src)
-    files = import_closure(*(src / e for e in DECODER_ENTRY), src=src)
-    bundle = b"".join(f"# {f.relative_to(src)}\n".encode() + f.read_bytes() for f in files)
-    packed = base64.b85encode(brotli.compress(bundle, quality=11))
-    wrapper = WRAPPER.format(packed.decode()).encode()
-    return {"bytes": len(wrapper), "source_bytes": len(bundle),
-            "files": [str(f.relative_to(src)) for f in files]}
 
 
 def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor],
