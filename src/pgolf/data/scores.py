@@ -18,7 +18,7 @@ import sentencepiece as spm
 import zstandard
 from tqdm import tqdm
 
-from pgolf.data.shards import list_shards, read_shard
+from pgolf.data.shards import list_shards, read_shard, token_counts
 from pgolf.io import atomic_path
 from pgolf.provenance import Provenance
 
@@ -42,9 +42,7 @@ def num_windows(num_tokens: int, seq_len: int) -> int:
 
 def unigram_surprisal(shards: list[Path], vocab_size: int) -> np.ndarray:
     """-log2 p(token) under the unigram distribution of the given shards (0 for unseen ids)."""
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    for path in shards:
-        counts += np.bincount(read_shard(path), minlength=vocab_size)[:vocab_size]
+    counts = token_counts(shards, vocab_size)
     with np.errstate(divide="ignore"):
         bits = -np.log2(counts / counts.sum())
     return np.where(counts > 0, bits, 0.0)

@@ -119,6 +119,19 @@ class ShardWriter:
         self.filled = 0
 
 
+def token_counts(shards: list[Path], vocab_size: int, *, limit: int | None = None) -> np.ndarray:
+    """How often each token id occurs in the shards (stopping after the shard that passes
+    `limit` tokens, if given)."""
+    counts, seen = np.zeros(vocab_size, dtype=np.int64), 0
+    for path in shards:
+        tokens = read_shard(path)
+        counts += np.bincount(tokens, minlength=vocab_size)[:vocab_size]
+        seen += len(tokens)
+        if limit is not None and seen >= limit:
+            break
+    return counts
+
+
 def summary_path(directory: str | Path) -> Path:
     """The shards stage writes <dir>.json beside <dir>/ (shards.json beside shards/)."""
     return Path(directory).with_suffix(".json")

@@ -27,22 +27,31 @@ def totals(nll: float, tokens: int, num_bytes: int) -> dict:
             "bytes": num_bytes, "nll_nats": nll}
 
 
+def windows(stream: np.ndarray, seq_len: int, max_windows: int | None = None):
+    """Inputs and targets (n, seq_len) of the non-overlapping windows: ((N - 1) // seq_len)
+    windows, as upstream truncates the stream, or the first `max_windows` of them."""
+    n = (len(stream) - 1) // seq_len
+    if max_windows is not None:
+        n = min(n, max(1, max_windows))
+    return (stream[:n * seq_len].reshape(n, seq_len),
+            stream[1:n * seq_len + 1].reshape(n, seq_len))
+
+
+def _max_windows(max_tokens: int | None, seq_len: int) -> int | None:
+    return max_tokens // seq_len if max_tokens else None
+
+
 @torch.no_grad()
 def evaluate(model, stream: np.ndarray, lut: ByteLUT, *, seq_len: int, batch_seqs: int,
              device: torch.device, rank: int = 0, world: int = 1, max_tokens: int | None = None,
              autocast: bool = False) -> dict:
     """Score non-overlapping windows of seq_len targets; ranks take contiguous window ranges."""
-    n = (len(stream) - 1) // seq_len
-    if max_tokens:
-        n = min(n, max(1, max_tokens // seq_len))
-    lo, hi = rank * n // world, (rank + 1) * n // world
+    X, Y = windows(stream, seq_len, _max_windows(max_tokens, seq_len))
+    lo, hi = rank * len(X) // world, (rank + 1) * len(X) // world
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
     for first in range(lo, hi, batch_seqs):
-        last = min(hi, first + batch_seqs)
-        window = stream[first * seq_len:last * seq_len + 1]
-        x = np.lib.stride_tricks.sliding_window_view(window[:-1], seq_len)[::seq_len]
-        y = np.lib.stride_tricks.sliding_window_view(window[1:], seq_len)[::seq_len]
-        xt, yt = torch.from_numpy(x.copy()).to(device), torch.from_numpy(y.copy()).to(device)
+        x, y = X[first:min(hi, first + batch_seqs)], Y[first:min(hi, first + batch_seqs)]
+        xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             nll = model(xt, yt, reduction="none")
         sums[0] += nll.double().sum()
@@ -55,10 +64,7 @@ def evaluate(model, stream: np.ndarray, lut: ByteLUT, *, seq_len: int, batch_seq
 def unigram_bpb(train_counts: np.ndarray, stream: np.ndarray, lut: ByteLUT, *,
                 seq_len: int, max_tokens: int | None = None) -> dict:
     """The null baseline: the same targets scored by the train unigram distribution (add-one)."""
-    n = (len(stream) - 1) // seq_len
-    if max_tokens:
-        n = min(n, max(1, max_tokens // seq_len))
-    x, y = stream[:n * seq_len], stream[1:n * seq_len + 1]
+    x, y = windows(stream, seq_len, _max_windows(max_tokens, seq_len))
     p = (train_counts + 1) / (train_counts.sum() + len(train_counts))
     nll = float(-np.log(p[y]).sum())
-    return totals(nll, len(y), int(target_bytes(x, y, lut).sum()))
+    return totals(nll, y.size, int(target_bytes(x, y, lut).sum()))

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from pgolf.data.scores import write_table
 from pgolf.data.tokenizer import ByteLUT, load_tokenizer, target_bytes
 from pgolf.eval.bpb import val_stream
+from pgolf.eval.bpb import windows as val_windows
 from pgolf.model.checkpoint import load_model
 from pgolf.model.gpt import GPT, State, rms_norm
 from pgolf.plot import figure
@@ -105,13 +106,10 @@ DEFINITION = (
 
 def sweep_batches(shard_dir, lut, *, windows: int, seq_len: int, batch_seqs: int):
     """The fixed sweep subset: the first `windows` validation windows, and their byte count."""
-    stream = val_stream(shard_dir)
-    n = min(windows, (len(stream) - 1) // seq_len)
-    x = stream[:n * seq_len].reshape(n, seq_len)
-    y = stream[1:n * seq_len + 1].reshape(n, seq_len)
+    x, y = val_windows(val_stream(shard_dir), seq_len, windows)
     num_bytes = int(target_bytes(x, y, lut).sum())
     batches = [(torch.from_numpy(x[i:i + batch_seqs]), torch.from_numpy(y[i:i + batch_seqs]))
-               for i in range(0, n, batch_seqs)]
+               for i in range(0, len(x), batch_seqs)]
     return batches, num_bytes
 
 

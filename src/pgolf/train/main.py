@@ -24,7 +24,7 @@ import torch
 
 from pgolf.config import section
 from pgolf.data.loader import open_streams
-from pgolf.data.shards import list_shards, read_shard, summary_path
+from pgolf.data.shards import list_shards, summary_path, token_counts
 from pgolf.data.tokenizer import ByteLUT, load_tokenizer
 from pgolf.eval.bpb import evaluate, unigram_bpb, val_stream
 from pgolf.io import read_json, sha256_file, write_json
@@ -115,17 +115,6 @@ def checkpointer(state_dir: Path, key: str, every: int):
     return on_step
 
 
-def train_counts(shard_dir: Path, vocab_size: int, limit: int = 100_000_000) -> np.ndarray:
-    counts, seen = np.zeros(vocab_size, dtype=np.int64), 0
-    for path in list_shards(shard_dir, "train"):
-        tokens = read_shard(path)
-        counts += np.bincount(tokens, minlength=vocab_size)[:vocab_size]
-        seen += len(tokens)
-        if seen >= limit:
-            break
-    return counts
-
-
 def validate(run: Run, args) -> dict:
     """Validation BPB of the final (EMA) weights beside the unigram null baseline."""
     lut = ByteLUT.from_tokenizer(load_tokenizer(args.tokenizer), run.model.cfg.vocab_size)
@@ -134,7 +123,8 @@ def validate(run: Run, args) -> dict:
     result = evaluate(run.model, stream, lut, seq_len=cfg.seq_len, batch_seqs=cfg.val_batch_seqs,
                       device=run.dist.device, rank=run.dist.rank, world=run.dist.world,
                       max_tokens=cfg.val_max_tokens, autocast=run.dist.device.type == "cuda")
-    counts = train_counts(args.shards, run.model.cfg.vocab_size)
+    counts = token_counts(list_shards(args.shards, "train"), run.model.cfg.vocab_size,
+                          limit=100_000_000)
     null = unigram_bpb(counts, stream, lut, seq_len=cfg.seq_len, max_tokens=cfg.val_max_tokens)
     return {"model": result, "unigram": null}
 
