@@ -26,6 +26,15 @@ def check_config():
         )
     if corpus["source"] == "shards" and not config["tokenizer"]["model"]:
         raise WorkflowError(f"{where}: corpus.source='shards' needs tokenizer.model")
+    allocate = config["allocate"]
+    budget = str(allocate["rd"]["budget"])
+    reference = budget.removeprefix("policy:")
+    if "rd" in allocate["policies"] and budget.startswith("policy:"):
+        if reference == "rd" or reference not in allocate["policies"]:
+            raise WorkflowError(
+                f"{where}: allocate.rd.budget = {budget!r} must name another policy in "
+                f"allocate.policies {allocate['policies']}"
+            )
 
 
 def model_matrices():
@@ -129,3 +138,48 @@ def shards_inputs(wildcards):
         "docs": data("docs.jsonl"),
         "corpus": data("docs.json"),
     }
+
+
+def sweep_params(*keys):
+    """The sweep settings a job reads: a change to another key must not rerun it."""
+    return {key: config["sweep"][key] for key in keys}
+
+
+def sweep_inputs(wildcards):
+    """What every sweep job reads: weights, Hessians, the subset and its float baseline."""
+    return {
+        name: path.format(seed=wildcards.seed)
+        for name, path in {
+            "model": seed_path("model.safetensors"),
+            "hessians": seed_path("hessians.safetensors"),
+            "shards": data("shards"),
+            "tokenizer": data("tokenizer.model"),
+            "baseline": seed_path("sweep_baseline.parquet"),
+        }.items()
+    }
+
+
+def rd_reference():
+    """The policy whose artifact sets rd's budget ("policy:<name>"), or None."""
+    budget = str(config["allocate"]["rd"]["budget"])
+    return budget.removeprefix("policy:") if budget.startswith("policy:") else None
+
+
+def allocate_inputs(wildcards):
+    inputs = {
+        "model": seed_path("model.safetensors"),
+        "sensitivity": seed_path("sensitivity.parquet"),
+    }
+    reference = rd_reference() if wildcards.policy == "rd" else None
+    if reference:
+        inputs["ref_allocation"] = seed_path(f"alloc/{reference}.json")
+        inputs["ref_artifact"] = seed_path(f"artifact/{reference}.json")
+    return {name: path.format(seed=wildcards.seed) for name, path in inputs.items()}
+
+
+def allocate_params(wildcards):
+    """Only the policy's own slice: a change to rd's budget must not rerun uniform."""
+    params = dict(config["allocate"].get(wildcards.policy, {}))
+    if wildcards.policy == "rd" and params.get("budget") == "challenge":
+        params["limit_bytes"] = config["pack"]["limit_bytes"]
+    return params

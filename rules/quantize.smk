@@ -3,7 +3,7 @@
 
 rule allocate:
     input:
-        model=seed_path("model.safetensors"),
+        unpack(allocate_inputs),
     output:
         seed_path("alloc/{policy}.json"),
     log:
@@ -13,8 +13,8 @@ rule allocate:
     conda:
         "../envs/pgolf.yaml"
     params:
-        allocate=config["allocate"],
-        code=stage_code("allocate.py"),
+        allocate=allocate_params,
+        code=stage_code("allocate.py", *(f"src/{e}" for e in DECODER_ENTRY)),
     script:
         "../workflow_scripts/allocate.py"
 

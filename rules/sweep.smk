@@ -1,23 +1,42 @@
-# Sensitivity sweep: one job per quantizable matrix (names from the model config), then a table.
+# Sensitivity sweeps: the float baseline on the sweep subset, one job per quantizable matrix (names
+# from the model config), the block-group sweep, then one table with summaries and plots.
+
+
+rule sweep_baseline:
+    input:
+        model=seed_path("model.safetensors"),
+        shards=data("shards"),
+        tokenizer=data("tokenizer.model"),
+    output:
+        seed_path("sweep_baseline.parquet"),
+    log:
+        log("sweep_baseline_seed{seed}"),
+    benchmark:
+        bench("sweep_baseline_seed{seed}")
+    conda:
+        "../envs/pgolf.yaml"
+    params:
+        sweep=sweep_params("windows", "batch_seqs"),
+        seq_len=config["train"]["seq_len"],
+        code=stage_code("sweep_baseline.py"),
+    script:
+        "../workflow_scripts/sweep_baseline.py"
 
 
 rule sweep:
     input:
-        model=seed_path("model.safetensors"),
-        hessians=seed_path("hessians.safetensors"),
-        shards=data("shards"),
-        tokenizer=data("tokenizer.model"),
+        unpack(sweep_inputs),
     output:
         seed_path("sweep/{matrix}.parquet"),
     log:
-        f"results/{RUN}/logs/sweep_seed{{seed}}_{{matrix}}.log",
+        log("sweep_seed{seed}_{matrix}"),
     benchmark:
-        f"results/{RUN}/benchmarks/sweep_seed{{seed}}_{{matrix}}.tsv"
+        bench("sweep_seed{seed}_{matrix}")
     conda:
         "../envs/pgolf.yaml"
     threads: 1
     params:
-        sweep=config["sweep"],
+        sweep=sweep_params("bits", "windows", "batch_seqs"),
         gptq=config["gptq"],
         seq_len=config["train"]["seq_len"],
         code=stage_code("sweep.py"),
@@ -25,9 +44,34 @@ rule sweep:
         "../workflow_scripts/sweep.py"
 
 
+rule block_groups:
+    input:
+        unpack(sweep_inputs),
+    output:
+        seed_path("block_groups.parquet"),
+    log:
+        log("block_groups_seed{seed}"),
+    benchmark:
+        bench("block_groups_seed{seed}")
+    conda:
+        "../envs/pgolf.yaml"
+    threads: 1
+    params:
+        sweep=sweep_params("group_bits", "bootstrap", "windows", "batch_seqs"),
+        gptq=config["gptq"],
+        seq_len=config["train"]["seq_len"],
+        code=stage_code("block_groups.py"),
+    script:
+        "../workflow_scripts/block_groups.py"
+
+
 rule sensitivity:
     input:
-        expand(seed_path("sweep/{matrix}.parquet"), matrix=MATRICES, allow_missing=True),
+        sweeps=expand(
+            seed_path("sweep/{matrix}.parquet"), matrix=MATRICES, allow_missing=True
+        ),
+        groups=seed_path("block_groups.parquet"),
+        model=seed_path("model.safetensors"),
     output:
         table=seed_path("sensitivity.parquet"),
         plot=report(
@@ -35,10 +79,15 @@ rule sensitivity:
             caption="captions/sensitivity.rst",
             category="Quantization",
         ),
+        groups_plot=report(
+            seed_path("sensitivity_groups.png"),
+            caption="captions/sensitivity_groups.rst",
+            category="Quantization",
+        ),
     log:
-        f"results/{RUN}/logs/sensitivity_seed{{seed}}.log",
+        log("sensitivity_seed{seed}"),
     benchmark:
-        f"results/{RUN}/benchmarks/sensitivity_seed{{seed}}.tsv"
+        bench("sensitivity_seed{seed}")
     conda:
         "../envs/pgolf.yaml"
     params:

@@ -123,3 +123,22 @@ def test_bad_bit_widths():
         qmax(9)
     with pytest.raises(ValueError, match="no entry for 3 bits"):
         GPTQConfig(clip_sigmas={6: 12.85}).quantize(torch.ones(2, 2), torch.eye(2), bits=3)
+
+
+def test_clip_search_never_worse_than_the_configured_clip():
+    torch.manual_seed(3)
+    W = torch.randn(64, 48) * torch.rand(64, 1)
+    W[0, 0] = 8.0  # an outlier: the configured k is not the best for this tensor
+    X = torch.randn(256, 48)
+    H = X.T @ X
+    plain = GPTQConfig()
+    searched = GPTQConfig(clip_search=[0.5, 0.75, 1.25, 1.5])
+    for bits in (3, 4, 6):
+        codes, scales, k = plain.search(W, H, bits)
+        assert k == plain.clip_sigmas[bits]
+        base_error = weighted_error(W, dequantize(codes, scales), H)
+        codes, scales, k = searched.search(W, H, bits)
+        assert k in [plain.clip_sigmas[bits] * m for m in (1, 0.5, 0.75, 1.25, 1.5)]
+        assert weighted_error(W, dequantize(codes, scales), H) <= base_error
+    with pytest.raises(ValueError, match="multipliers must be > 0"):
+        GPTQConfig(clip_search=[0.0])

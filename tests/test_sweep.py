@@ -7,7 +7,18 @@ import torch
 
 from pgolf.model.gpt import GPT, GPTConfig
 from pgolf.quant.gptq import GPTQConfig, dequantize
-from pgolf.quant.sweep import SweepConfig, first_position, sweep_cost, sweep_matrix
+from pgolf.quant.sweep import (
+    Subset,
+    SweepConfig,
+    amplification,
+    block_groups,
+    first_position,
+    prefix_cache,
+    sweep_cost,
+    sweep_groups,
+    sweep_matrix,
+    window_nlls,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +33,8 @@ def setup():
     model.looping = True
     model.eval()
     batches = [(torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))) for _ in range(3)]
-    return model, batches
+    subset = Subset(batches, 1000)
+    return model, subset, window_nlls(model, prefix_cache(model, subset, 0), 0)
 
 
 def full_nll(model, batches):
@@ -33,11 +45,13 @@ def full_nll(model, batches):
 @pytest.mark.parametrize("name", ["blocks.2.mlp.fc.weight", "blocks.1.attn.c_v.weight",
                                   "tok_emb.weight"])
 def test_fast_path_equals_full_evaluation(setup, name):
-    model, batches = setup
+    model, subset, base_windows = setup
+    batches = subset.batches
     H = torch.eye(64 if "mlp.proj" in name else 32)
     cfg, gptq = SweepConfig(bits=[3, 6]), GPTQConfig()
-    rows = sweep_matrix(model, name, H, batches, cfg=cfg, gptq=gptq, num_bytes=1000)
+    rows = sweep_matrix(model, name, H, subset, base_windows, cfg=cfg, gptq=gptq)
     base = full_nll(model, batches)
+    assert float(base_windows.sum()) == pytest.approx(base, rel=1e-9)
     param = dict(model.named_parameters())[name]
     original = param.detach().clone()
     for row in rows:
@@ -56,10 +70,65 @@ def test_fast_path_equals_full_evaluation(setup, name):
 
 
 def test_first_positions_and_cost(setup):
-    model, _ = setup
+    model, _, _ = setup
     assert model.cfg.layer_sequence(True) == [0, 1, 1, 2]
     assert first_position(model, "blocks.2.mlp.fc.weight") == 3
     assert first_position(model, "blocks.1.attn.c_q.weight") == 1
     assert first_position(model, "tok_emb.weight") == 0
     names = ["blocks.0.attn.c_q.weight", "blocks.1.attn.c_q.weight", "blocks.2.attn.c_q.weight"]
-    assert sweep_cost(model, names) == pytest.approx((5 + 4 + 2) / 3 / 5)
+    # depth 4 + head = 5; per matrix the prefix once and 5 suffixes, plus one shared baseline
+    spent = (0 + 5 * 5) + (1 + 5 * 4) + (3 + 5 * 2) + 5
+    assert sweep_cost(model, names) == pytest.approx(spent / (5 * 5 * 3))
+    assert sweep_cost(model, names) < sweep_cost(model, names[:1])  # later layers are cheaper
+
+
+def test_block_groups_keep_the_loop_span_together():
+    record = GPTConfig(num_layers=11, loop_start=4, loop_end=5, num_loops=2)
+    groups = block_groups(record, looping=True)
+    assert [g["layers"] for g in groups] == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10]]
+    assert [g["looped"] for g in groups] == [False, False, True, False, False, False]
+    demo = GPTConfig(num_layers=4, loop_start=1, loop_end=2, num_loops=1)
+    assert [g["layers"] for g in block_groups(demo, looping=True)] == [[0], [1, 2], [3]]
+    # looping off (as before loop_enable_at): no group is looped, plain adjacent pairs
+    assert [(g["layers"], g["looped"]) for g in block_groups(demo, looping=False)] == [
+        ([0, 1], False), ([2, 3], False)]
+
+
+def test_group_sweep_equals_full_evaluation(setup):
+    model, subset, base = setup
+    params = dict(model.named_parameters())
+    hessians = {n: torch.eye(p.shape[1]) for n, p in params.items()
+                if n.startswith("blocks.") and n.endswith(".weight") and p.ndim == 2}
+    gptq = GPTQConfig()
+    rows, factors = sweep_groups(model, hessians, subset, base,
+                                 cfg=SweepConfig(group_bits=[3], bootstrap=200), gptq=gptq)
+    assert [r["group"] for r in rows] == ["0", "1", "2"] and [r["looped"] for r in rows] == [
+        False, True, False]
+    row = rows[1]  # the looped layer 1: its first use is at virtual position 1
+    names = [n for n in hessians if n.startswith("blocks.1.")]
+    assert row["params"] == sum(params[n].numel() for n in names)
+    originals = {n: params[n].detach().clone() for n in names}
+    with torch.no_grad():
+        for n in names:
+            params[n].copy_(dequantize(*gptq.quantize(originals[n], hessians[n], 3)))
+        quantized = full_nll(model, subset.batches)
+        for n in names:
+            params[n].copy_(originals[n])
+    expected = (quantized - float(base.sum())) / math.log(2) / subset.num_bytes
+    assert row["dbpb"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert factors[0]["bits"] == 3 and factors[0]["amplification"] is not None
+
+
+def test_amplification_factor_and_its_interval():
+    torch.manual_seed(1)
+    windows = 400
+    noise = [torch.randn(windows, dtype=torch.float64) * 0.01 for _ in range(3)]
+    # per-window damage: the looped group hurts 3x per parameter
+    diffs = {("0-1", 6): (1.0 + noise[0], 1000, False), ("2-3", 6): (2.0 + noise[1], 2000, False),
+             ("4-5", 6): (3.0 + noise[2], 1000, True)}
+    result = amplification(diffs, 6, resamples=500)
+    assert result["amplification"] == pytest.approx(3.0, rel=0.01)
+    low, high = result["ci95"]
+    assert low < result["amplification"] < high and high - low < 0.05
+    none = amplification({k: v for k, v in diffs.items() if not v[2]}, 6, resamples=10)
+    assert none["amplification"] is None and "looped" in none["why_none"]

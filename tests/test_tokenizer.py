@@ -4,14 +4,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from pgolf.data.tokenizer import (
-    ByteLUT,
-    TokenizerConfig,
-    count_bytes,
-    load_tokenizer,
-    train_tokenizer,
-    training_sentences,
-)
+from pgolf.data.bytecount import ByteLUT, count_bytes, load_tokenizer
+from pgolf.data.tokenizer import TokenizerConfig, train_tokenizer, training_sentences
 
 
 @pytest.fixture(scope="module")

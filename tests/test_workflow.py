@@ -16,7 +16,9 @@ from pgolf.quant.artifact import read_artifact
 
 pytestmark = pytest.mark.slow
 DATA = "results/tiny/data"
-AFTER_TRAIN = {"train", "hessians", "allocate", "artifact", "sweep", "sensitivity", "all"}
+QUANTIZERS = {"sweep_baseline", "sweep", "block_groups", "sensitivity", "allocate", "artifact",
+              "all"}
+AFTER_TRAIN = {"train", "hessians", *QUANTIZERS}
 DATA_RULES = {"tokenizer", "shards", "window_scores", "curriculum", *AFTER_TRAIN}
 TINY_MODEL = {"num_layers": 2, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1,
               "loop_start": 0, "loop_end": 0, "num_loops": 1, "rope_train_seq_len": 64}
@@ -34,7 +36,8 @@ def tiny_config(docs, **overrides):
         "model": TINY_MODEL,
         "train": TINY_TRAIN,
         "hessian": {"batches": 2, "batch_seqs": 4},
-        "sweep": {"bits": [4, 8], "windows": 8, "batch_seqs": 8},
+        "sweep": {"bits": [4, 6, 8], "windows": 8, "batch_seqs": 8, "bootstrap": 100},
+        "allocate": {"policies": ["uniform", "rd"], "rd": {"budget": "policy:uniform"}},
         "seeds": [1],
     }
     for key, value in overrides.items():
@@ -96,8 +99,15 @@ def test_full_run_writes_every_data_artifact(finished):
     assert tensors["tok_emb.weight"].bits == 8 and tensors["blocks.0.mlp.fc.weight"].bits == 6
     assert meta["model"]["num_layers"] == TINY_MODEL["num_layers"]
     table = pq.read_table(finished.path("results/tiny/seed1/sensitivity.parquet")).to_pylist()
-    assert {(r["matrix"], r["bits"]) for r in table} == {(n, b) for n in names for b in (4, 8)}
+    assert {(r["matrix"], r["bits"]) for r in table} == {(n, b) for n in names
+                                                         for b in (4, 6, 8)}
     assert all(r["noise_se"] >= 0 and r["bytes"] > 0 for r in table)
+    uniform = read_json(finished.path("results/tiny/seed1/alloc/uniform.json"))
+    rd = read_json(finished.path("results/tiny/seed1/alloc/rd.json"))
+    rd_packed = read_json(finished.path("results/tiny/seed1/artifact/rd.json"))
+    assert rd["budget"]["bytes"] == packed["artifact_bytes"]
+    assert rd["predicted"]["dbpb"] <= uniform["predicted"]["dbpb"]
+    assert rd_packed["predicted_bytes"] == rd["predicted"]["bytes"]
     assert finished.planned() == {}
 
 
@@ -115,14 +125,23 @@ def test_config_edits_rerun_exactly_their_stages(finished):
     finished.write_config({**config, "train": {**TINY_TRAIN, "steps": 5}})
     assert set(finished.planned()) == AFTER_TRAIN
     finished.write_config({**config, "hessian": {"batches": 3, "batch_seqs": 4}})
-    sweeps = {"sweep", "sensitivity"}
-    assert set(finished.planned()) == {"hessians", "artifact", *sweeps, "all"}  # never retrains
+    requantize = QUANTIZERS - {"sweep_baseline"}
+    assert set(finished.planned()) == {"hessians", *requantize}  # never retrains
     finished.write_config({**config, "gptq": {"damp": 0.02}})
-    assert set(finished.planned()) == {"artifact", *sweeps, "all"}  # re-quantizes only
-    finished.write_config({**config, "sweep": {"bits": [4, 6], "windows": 8}})
-    assert set(finished.planned()) == {*sweeps, "all"}
-    finished.write_config({**config, "allocate": {"matrix_bits": 5}})
-    assert set(finished.planned()) == {"allocate", "artifact", "all"}
+    assert set(finished.planned()) == requantize  # re-quantizes only
+    finished.write_config({**config, "sweep": {**config["sweep"], "bits": [4, 6, 7, 8]}})
+    assert set(finished.planned()) == {"sweep", "sensitivity", "allocate", "artifact", "all"}
+
+
+def test_budget_edits_rerun_only_allocation_and_packing(finished):
+    config = tiny_config(finished.docs)
+    finished.write_config({**config, "allocate": {**config["allocate"],
+                                                  "rd": {"budget": 50_000}}})
+    assert finished.planned() == {"allocate": 1, "artifact": 1, "all": 1}  # rd's, not uniform's
+    finished.write_config({**config, "allocate": {**config["allocate"],
+                                                  "uniform": {"matrix_bits": 8}}})
+    # uniform's artifact sets rd's budget, so both policies follow
+    assert finished.planned() == {"allocate": 2, "artifact": 2, "all": 1}
 
 
 def test_touch_reruns_nothing_and_code_edits_rerun_their_stage(finished):
@@ -138,9 +157,9 @@ def test_touch_reruns_nothing_and_code_edits_rerun_their_stage(finished):
     assert edited(finished, "src/pgolf/data/encode.py") == {"shards", "window_scores",
                                                             "curriculum", *after_train}
     assert edited(finished, "src/pgolf/train/muon.py") == after_train
-    quantizers = {"artifact", "sweep", "sensitivity", "all"}
-    assert edited(finished, "src/pgolf/quant/gptq.py") == quantizers
-    assert edited(finished, "src/pgolf/quant/codec.py") == quantizers
+    assert edited(finished, "src/pgolf/quant/gptq.py") == QUANTIZERS
+    assert edited(finished, "src/pgolf/quant/codec.py") == QUANTIZERS
+    assert edited(finished, "src/pgolf/quant/allocate.py") == {"allocate", "artifact", "all"}
     assert edited(finished, "src/pgolf/eval/bpb.py") == AFTER_TRAIN  # train validates with it
     # tokenizer.py is imported by the tokenizer and shards stages, not by the corpus stage
     assert edited(finished, "src/pgolf/data/tokenizer.py") == DATA_RULES

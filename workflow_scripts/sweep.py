@@ -10,10 +10,7 @@ from pgolf.stage import logged, provenance
 with logged(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
     sm = snakemake  # noqa: F821
     build_sweep(
-        Path(sm.input.model),
-        Path(sm.input.hessians),
-        Path(sm.input.shards),
-        Path(sm.input.tokenizer),
+        *(Path(sm.input[k]) for k in ("model", "hessians", "shards", "tokenizer", "baseline")),
         sm.wildcards.matrix,
         Path(sm.output[0]),
         cfg=section(SweepConfig, sm.params.sweep, "sweep"),

@@ -8,15 +8,16 @@ from pgolf.io import atomic_path
 
 
 @contextmanager
-def figure(out: Path, *, size: tuple[float, float]) -> Iterator:
+def figure(out: Path, *, size: tuple[float, float], panels: int = 1) -> Iterator:
+    """One axes, or a list of `panels` axes side by side."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on build machines
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=size)
+    fig, axes = plt.subplots(1, panels, figsize=size)
     try:
-        yield ax
+        yield axes if panels == 1 else list(axes)
         fig.tight_layout()
         with atomic_path(out) as tmp:
             fig.savefig(tmp, format="png", dpi=100)

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pgolf.data.bytecount import ByteLUT, count_bytes, load_tokenizer
 from pgolf.data.corpus import read_jsonl, val_split
 from pgolf.data.shards import SPLITS, ShardWriter, SplitStats, read_shard, shard_name
-from pgolf.data.tokenizer import ByteLUT, count_bytes, load_tokenizer
 from pgolf.io import read_json, sha256_file, write_json
 from pgolf.provenance import Provenance
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pgolf.data.bytecount import ByteLUT, target_bytes
 from pgolf.data.shards import list_shards, read_shard
-from pgolf.data.tokenizer import ByteLUT, target_bytes
 from pgolf.train.distributed import all_reduce
 
 

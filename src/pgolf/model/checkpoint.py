@@ -37,10 +37,17 @@ def read_header(path: Path) -> dict:
     return header
 
 
+def read_config(path: Path) -> tuple[GPTConfig, bool]:
+    """The model config in a checkpoint's header, and whether its layers loop."""
+    header = read_header(path)
+    return (section(GPTConfig, json.loads(header["config"]), "model"),
+            json.loads(header.get("looping", "false")))
+
+
 def load_model(path: Path, device: torch.device | str = "cpu") -> GPT:
     """Rebuild the GPT from the config in the file's header and load its weights (strict)."""
-    header = read_header(path)
-    model = GPT(section(GPTConfig, json.loads(header["config"]), "model"))
+    cfg, looping = read_config(path)
+    model = GPT(cfg)
     model.load_state_dict(load_file(str(path)))
-    model.looping = json.loads(header.get("looping", "false"))
+    model.looping = looping
     return model.to(device)

@@ -62,6 +62,12 @@ class GPTConfig:
         start, end = self.loop_start, self.loop_end
         return layers[:start] + layers[start:end + 1] * (self.num_loops + 1) + layers[end + 1:]
 
+    def looped_layers(self, looping: bool) -> set[int]:
+        """Physical layers that run more than once per forward pass."""
+        if not (looping and self.num_loops):
+            return set()
+        return set(range(self.loop_start, self.loop_end + 1))
+
     def split(self, looping: bool) -> tuple[list[int], list[int]]:
         """Encoder and decoder halves of the virtual sequence (the encoder is the shorter)."""
         seq = self.layer_sequence(looping)

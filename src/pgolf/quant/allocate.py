@@ -1,32 +1,64 @@
-"""Bit allocation: how many bits each quantizable tensor gets, per named policy.
+"""Bit allocation: bits (and SDClip k) per quantizable tensor for a named policy, with predictions.
 
-`uniform` assigns bits by role, as the records do: int6 block matrices, int8 embedding. The `rd`
-policy (a knapsack over the sensitivity sweep) needs the sweep stage and is not built yet.
+`uniform` assigns bits by role, as the records do: int6 block matrices, int8 embedding. `rd` solves
+a multiple-choice knapsack over the swept bit widths of every tensor: least predicted dBPB under a
+byte budget, by exact dynamic programming over byte buckets (costs rounded up, so the choice
+always fits). Both record what the sensitivity sweep predicts:
+- bytes: each tensor's bytes packed alone (the sweep's `bytes`) plus the fixed bytes of everything
+  else (header, float tensors, and what grouping saves): measured on the reference artifact when
+  the budget is another policy's artifact, otherwise estimated by packing the float tensors with
+  placeholder codes;
+- dBPB: the sum of the matrices' swept deltas, each made non-increasing in bits and clipped at 0
+  (deltas below the noise floor are noise, and more bits cannot cost accuracy). Additivity is the
+  model's assumption; the evaluation stage scores the real artifact to check it.
 """
 
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
-from pgolf.config import section
-from pgolf.io import write_json
-from pgolf.model.checkpoint import read_header
-from pgolf.model.gpt import GPTConfig, quantizable_matrices
-from pgolf.provenance import Provenance
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from safetensors.torch import load_file
 
-POLICIES = ("uniform",)
+from pgolf.io import write_json
+from pgolf.model.checkpoint import read_config
+from pgolf.model.config import GPTConfig, quantizable_matrices
+from pgolf.provenance import Provenance
+from pgolf.quant.artifact import Quantized, pack_artifact, quantized_bytes
+from pgolf.quant.codebytes import CHALLENGE_BYTES, code_bytes
+
+POLICIES = ("uniform", "rd")
+MAX_BUCKETS = 1 << 20  # the DP's table is tensors x buckets int8: ~70 MB for the record model
 
 
 @dataclass(kw_only=True)
-class AllocateConfig:
-    policies: list[str] = field(default_factory=lambda: ["uniform"])
+class UniformConfig:
     matrix_bits: int = 6
     embed_bits: int = 8
 
+
+@dataclass(kw_only=True)
+class RDConfig:
+    # Artifact bytes: an integer, "challenge" (the size limit minus code bytes) or
+    # "policy:<name>" (the bytes of that policy's artifact, so a small model's budget binds).
+    budget: int | str = "challenge"
+    resolution_bytes: int = 0  # DP bucket size; 0 = the budget / 2^20, at least 1 byte
+
+    def reference(self) -> str | None:
+        """The policy whose artifact sets the budget, if any."""
+        if isinstance(self.budget, str) and self.budget.startswith("policy:"):
+            return self.budget.removeprefix("policy:")
+        return None
+
     def __post_init__(self):
-        unknown = sorted(set(self.policies) - set(POLICIES))
-        if unknown:
-            raise ValueError(f"allocate.policies: unknown {unknown}; available: {POLICIES}")
+        if self.reference() == "rd":
+            raise ValueError("allocate.rd.budget: 'policy:rd' would be rd's own artifact")
+        if isinstance(self.budget, str) and self.budget != "challenge" and not self.reference():
+            raise ValueError(f"allocate.rd.budget = {self.budget!r}: expected bytes, "
+                             "'challenge' or 'policy:<name>'")
 
 
 def uniform_bits(model: GPTConfig, *, matrix_bits: int, embed_bits: int) -> dict[str, int]:
@@ -35,15 +67,144 @@ def uniform_bits(model: GPTConfig, *, matrix_bits: int, embed_bits: int) -> dict
             for name, _ in quantizable_matrices(model)}
 
 
-def build_allocation(model_path: Path, policy: str, out: Path, *, cfg: AllocateConfig,
+def damage_curves(rows: list[dict]) -> dict[str, dict[int, dict]]:
+    """Per matrix and bit width: bytes, clip and the monotone, non-negative predicted dBPB."""
+    curves: dict = {}
+    for r in rows:
+        curves.setdefault(r["matrix"], {})[r["bits"]] = dict(r)
+    for options in curves.values():
+        floor = 0.0
+        for bits in sorted(options, reverse=True):
+            floor = max(floor, options[bits]["dbpb"])
+            options[bits]["predicted_dbpb"] = floor
+    return curves
+
+
+def predict(bits: dict[str, int], curves: dict, fixed_bytes: int) -> dict | None:
+    """Predicted bytes and dBPB of an allocation, or None when a width was not swept."""
+    if any(b not in curves.get(n, {}) for n, b in bits.items()):
+        return None
+    chosen = {n: curves[n][b] for n, b in bits.items()}
+    matrix_bytes = sum(c["bytes"] for c in chosen.values())
+    return {"bytes": matrix_bytes + fixed_bytes, "matrix_bytes": matrix_bytes,
+            "fixed_bytes": fixed_bytes,
+            "dbpb": sum(c["predicted_dbpb"] for c in chosen.values()),
+            "dbpb_noise_se": math.sqrt(sum(c["noise_se"] ** 2 for c in chosen.values())),
+            "per_tensor": {n: {"bits": c["bits"], "bytes": c["bytes"],
+                               "dbpb": c["predicted_dbpb"]} for n, c in chosen.items()}}
+
+
+def knapsack(costs: list[list[int]], damages: list[list[float]], budget: int) -> list[int] | None:
+    """Per item, the index of its chosen option: least total damage with total cost <= budget
+    (exact DP; ties go to the earlier, cheaper option). None when nothing fits."""
+    best = np.zeros(budget + 1)  # best[j]: least damage of the items so far within cost j
+    choice = np.empty((len(costs), budget + 1), dtype=np.int8)
+    for i, (cost, dmg) in enumerate(zip(costs, damages, strict=True)):
+        new, pick = np.full(budget + 1, np.inf), np.full(budget + 1, -1, dtype=np.int8)
+        for k, (c, d) in enumerate(zip(cost, dmg, strict=True)):
+            if c > budget:
+                continue
+            candidate = np.full(budget + 1, np.inf)
+            candidate[c:] = best[:budget + 1 - c] + d
+            better = candidate < new
+            new[better], pick[better] = candidate[better], k
+        best, choice[i] = new, pick
+    if not np.isfinite(best[budget]):
+        return None
+    picks, j = [], budget
+    for i in range(len(costs) - 1, -1, -1):
+        k = int(choice[i, j])
+        picks.append(k)
+        j -= costs[i][k]
+    return picks[::-1]
+
+
+def rd_bits(curves: dict, matrix_budget: int, resolution: int) -> dict[str, int]:
+    """The knapsack over swept widths; costs round up to buckets so the result always fits."""
+    if resolution <= 0:
+        resolution = max(1, math.ceil(matrix_budget / MAX_BUCKETS))
+    names = sorted(curves)
+    widths = [sorted(curves[n]) for n in names]
+    costs = [[math.ceil(curves[n][b]["bytes"] / resolution) for b in w]
+             for n, w in zip(names, widths, strict=True)]
+    damages = [[curves[n][b]["predicted_dbpb"] for b in w] for n, w in zip(names, widths,
+                                                                          strict=True)]
+    picks = knapsack(costs, damages, matrix_budget // resolution)
+    if picks is None:
+        least = sum(min(c["bytes"] for c in curves[n].values()) for n in names)
+        raise ValueError(f"allocate.rd: no allocation fits {matrix_budget:,} B for the quantized "
+                         f"tensors; the fewest swept bits need {least:,} B")
+    return {n: w[k] for n, w, k in zip(names, widths, picks, strict=True)}
+
+
+def placeholder_fixed_bytes(model_path: Path, bits: dict[str, int]) -> int:
+    """Bytes outside the quantized tensors, estimated: pack the real float tensors with all-zero
+    codes in place of every quantized tensor, and take away what those codes cost alone."""
+    tensors = {}
+    for name, t in load_file(str(model_path)).items():
+        if name in bits:
+            codes = np.zeros(t.shape, dtype=np.int8)
+            scales = np.ones(t.shape[0], dtype=np.float16)
+            tensors[name] = Quantized(torch.from_numpy(codes), torch.from_numpy(scales),
+                                      bits[name])
+        else:
+            tensors[name] = t
+    data, _ = pack_artifact(tensors, {})
+    alone = sum(quantized_bytes(t.codes.numpy(), t.scales.numpy(), t.bits)
+                for t in tensors.values() if isinstance(t, Quantized))
+    return len(data) - alone
+
+
+def budget_bytes(cfg: RDConfig, model_path: Path, curves: dict, reference: dict | None, *,
+                 limit_bytes: int) -> dict:
+    """The artifact bytes rd may spend and the fixed bytes outside the quantized tensors."""
+    name = cfg.reference()
+    if name:
+        if not reference:
+            raise ValueError(f"allocate.rd.budget = {cfg.budget!r} needs that policy's "
+                             "allocation and artifact as inputs")
+        alloc = json.loads(Path(reference["allocation"]).read_text())
+        artifact = json.loads(Path(reference["artifact"]).read_text())
+        own = predict({n: int(b) for n, b in alloc["bits"].items()}, curves, 0)
+        if own is None:
+            raise ValueError(f"allocate.rd.budget = {cfg.budget!r}: {reference['allocation']} "
+                             "uses bit widths the sweep did not measure (add them to sweep.bits)")
+        total = artifact["artifact_bytes"]
+        return {"spec": cfg.budget, "bytes": total, "source": str(reference["artifact"]),
+                "fixed_bytes": total - own["matrix_bytes"], "fixed_from": "reference artifact"}
+    most = {n: max(options) for n, options in curves.items()}
+    fixed = placeholder_fixed_bytes(model_path, most)
+    if cfg.budget == "challenge":
+        code = code_bytes()["bytes"]
+        total, source = limit_bytes - code, f"{limit_bytes:,} B limit - {code:,} B code"
+    else:
+        total, source = int(cfg.budget), "config"
+    return {"spec": cfg.budget, "bytes": total, "source": source, "fixed_bytes": fixed,
+            "fixed_from": "estimate (float tensors packed with placeholder codes)"}
+
+
+def build_allocation(model_path: Path, sensitivity: Path, policy: str, out: Path, *,
+                     cfg: UniformConfig | RDConfig, reference: dict | None = None,
+                     limit_bytes: int = CHALLENGE_BYTES,
                      provenance: Provenance | None = None) -> dict:
-    model = section(GPTConfig, json.loads(read_header(model_path)["config"]), "model")
-    if policy not in cfg.policies:
-        raise ValueError(f"allocation policy {policy!r} is not in allocate.policies "
-                         f"{cfg.policies}")
-    bits = uniform_bits(model, matrix_bits=cfg.matrix_bits, embed_bits=cfg.embed_bits)
-    summary = {"policy": policy, "bits": bits,
-               "predicted": None,  # bytes and dBPB predictions come with the sensitivity sweep
+    """The allocation stage: bits and clip per tensor, the budget, and the predictions."""
+    model, _ = read_config(model_path)
+    curves = damage_curves(pq.read_table(sensitivity).to_pylist())
+    missing = sorted({n for n, _ in quantizable_matrices(model)} - set(curves))
+    if missing:
+        raise ValueError(f"{sensitivity}: no sweep rows for {missing[:5]}")
+    if policy == "uniform":
+        bits = uniform_bits(model, matrix_bits=cfg.matrix_bits, embed_bits=cfg.embed_bits)
+        budget, fixed = None, placeholder_fixed_bytes(model_path, bits)
+    elif policy == "rd":
+        budget = budget_bytes(cfg, model_path, curves, reference, limit_bytes=limit_bytes)
+        fixed = budget["fixed_bytes"]
+        bits = rd_bits(curves, budget["bytes"] - fixed, cfg.resolution_bytes)
+    else:
+        raise ValueError(f"unknown allocation policy {policy!r}; available: {POLICIES}")
+    clips = {n: curves[n][b]["clip_sigmas"] for n, b in bits.items() if b in curves[n]}
+    summary = {"policy": policy, "bits": bits, "clip_sigmas": clips, "budget": budget,
+               "predicted": predict(bits, curves, fixed), "definition": __doc__,
                "provenance": provenance.record() if provenance else None}
     write_json(out, summary)
     return summary

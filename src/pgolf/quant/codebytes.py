@@ -13,11 +13,13 @@ import brotli
 
 from pgolf.codehash import import_closure
 
+CHALLENGE_BYTES = 16_000_000  # artifact + code bytes must fit this
+SRC = Path(__file__).resolve().parents[2]  # the source tree this code runs from
 DECODER_ENTRY = ("pgolf/quant/artifact.py", "pgolf/model/gpt.py", "pgolf/eval/bpb.py")
 WRAPPER = "import base64,brotli\nexec(brotli.decompress(base64.b85decode({!r})))\n"
 
 
-def code_bytes(src: Path) -> dict:
+def code_bytes(src: Path = SRC) -> dict:
     """Counted bytes of the decoder/evaluator source, and the files they come from."""
     src = Path(src)
     files = import_closure(*(src / e for e in DECODER_ENTRY), src=src)

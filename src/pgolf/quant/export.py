@@ -12,24 +12,26 @@ from pgolf.io import write_json
 from pgolf.model.checkpoint import read_header
 from pgolf.provenance import Provenance
 from pgolf.quant.artifact import Quantized, write_artifact
-from pgolf.quant.codebytes import code_bytes
+from pgolf.quant.codebytes import CHALLENGE_BYTES, SRC, code_bytes
 from pgolf.quant.codec import entropy_bound_bytes
 from pgolf.quant.gptq import GPTQConfig, qmax
 
-CHALLENGE_BYTES = 16_000_000
-SRC = Path(__file__).resolve().parents[2]  # the source tree this code runs from
-
 
 def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor],
-                   bits: dict[str, int], cfg: GPTQConfig) -> dict:
-    """GPTQ for every tensor in `bits`; every other tensor passes through (fp16 in the artifact)."""
+                   bits: dict[str, int], cfg: GPTQConfig, clips: dict | None = None) -> dict:
+    """GPTQ for every tensor in `bits` (at its k in `clips`, else the configured or searched k);
+    every other tensor passes through (fp16 in the artifact)."""
+    clips = clips or {}
     missing = sorted(set(bits) - set(hessians))
     if missing:
         raise ValueError(f"no Hessian for {missing[:5]}{'...' if len(missing) > 5 else ''}")
     out = {}
     for name, tensor in state.items():
         if name in bits:
-            codes, scales = cfg.quantize(tensor, hessians[name], bits[name])
+            if name in clips:
+                codes, scales = cfg.quantize(tensor, hessians[name], bits[name], clips[name])
+            else:
+                codes, scales, _ = cfg.search(tensor, hessians[name], bits[name])
             out[name] = Quantized(codes, scales, bits[name])
         else:
             out[name] = tensor
@@ -62,8 +64,10 @@ def build_artifact(model: Path, hessians: Path, allocation: Path, out: Path, met
                    gptq: GPTQConfig, pack: PackConfig, src: Path = SRC,
                    provenance: Provenance | None = None) -> dict:
     """The artifact stage: quantize per the allocation, pack, count, gate, write the breakdown."""
-    bits = {k: int(v) for k, v in json.loads(Path(allocation).read_text())["bits"].items()}
-    tensors = quantize_state(load_file(str(model)), load_file(str(hessians)), bits, gptq)
+    alloc = json.loads(Path(allocation).read_text())
+    bits = {k: int(v) for k, v in alloc["bits"].items()}
+    tensors = quantize_state(load_file(str(model)), load_file(str(hessians)), bits, gptq,
+                             alloc.get("clip_sigmas"))
     header = read_header(model)
     info = write_artifact(out, tensors, {"model": json.loads(header["config"]),
                                          "looping": json.loads(header.get("looping", "false"))})
@@ -72,7 +76,10 @@ def build_artifact(model: Path, hessians: Path, allocation: Path, out: Path, met
                 for t in tensors.values() if isinstance(t, Quantized))
     codes_bytes = sum(v["codes"] for v in info["breakdown"].values()
                       if isinstance(v, dict) and "codes" in v)
-    summary = {"artifact_bytes": info["bytes"], "code": code,
+    predicted = alloc.get("predicted") or {}
+    summary = {"policy": alloc["policy"], "artifact_bytes": info["bytes"],
+               "predicted_bytes": predicted.get("bytes"),
+               "predicted_dbpb": predicted.get("dbpb"), "code": code,
                "total_bytes": info["bytes"] + code["bytes"], "limit_bytes": pack.limit_bytes,
                "margin_bytes": pack.limit_bytes - info["bytes"] - code["bytes"],
                "codes_bytes": codes_bytes, "codes_entropy_bound_bytes": bound,

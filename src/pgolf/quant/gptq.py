@@ -13,7 +13,7 @@ its Hessian-weighted error tr(dW H dW^T) is no larger than round-to-nearest's wi
 scales; otherwise the RTN codes are returned (GPTQ is greedy, not provably better on every input).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -97,6 +97,8 @@ class GPTQConfig:
     act_order: bool = True
     # Clip sigmas k per bit width; the records use k = 12.85 for int6 matrices, 20 for int8.
     clip_sigmas: dict = None
+    # Per-tensor search: multipliers of k to try; the k with the least H-weighted error wins.
+    clip_search: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.clip_sigmas is None:
@@ -105,9 +107,30 @@ class GPTQConfig:
         # YAML keys read "int6"; code asks by bit width.
         self.clip_sigmas = {int(str(k).removeprefix("int")): float(v)
                             for k, v in self.clip_sigmas.items()}
+        bad = [m for m in self.clip_search if not m > 0]
+        if bad:
+            raise ValueError(f"gptq.clip_search: multipliers must be > 0, got {bad}")
 
-    def quantize(self, W: torch.Tensor, H: torch.Tensor, bits: int):
+    def default_clip(self, bits: int) -> float:
         if bits not in self.clip_sigmas:
             raise ValueError(f"gptq.clip_sigmas has no entry for {bits} bits")
-        return gptq(W, H, bits=bits, clip_sigmas=self.clip_sigmas[bits],
-                    block_size=self.block_size, damp=self.damp, act_order=self.act_order)
+        return self.clip_sigmas[bits]
+
+    def quantize(self, W: torch.Tensor, H: torch.Tensor, bits: int,
+                 clip_sigmas: float | None = None):
+        """GPTQ at the given k, or at the configured k for `bits` when none is given."""
+        k = self.default_clip(bits) if clip_sigmas is None else clip_sigmas
+        return gptq(W, H, bits=bits, clip_sigmas=k, block_size=self.block_size,
+                    damp=self.damp, act_order=self.act_order)
+
+    def search(self, W: torch.Tensor, H: torch.Tensor, bits: int):
+        """(codes, scales, k): GPTQ at the configured k, or with a search the candidate k whose
+        result has the least Hessian-weighted error (ties keep the configured k: it comes first)."""
+        base = self.default_clip(bits)
+        best = None
+        for k in [base] + [base * m for m in self.clip_search if m != 1]:
+            codes, scales = self.quantize(W, H, bits, k)
+            error = weighted_error(W, dequantize(codes, scales), H) if self.clip_search else 0.0
+            if best is None or error < best[0]:
+                best = (error, codes, scales, k)
+        return best[1:]

@@ -1,13 +1,15 @@
-"""Per-matrix sensitivity: dBPB when only one matrix is quantized (GPTQ, each bit width).
+"""Sensitivity sweeps: dBPB when one matrix, or all matrices of a block group, are quantized.
 
 Fast path: a matrix of physical layer i first acts at virtual position v (0 for the embedding).
 Everything before v is unchanged, so the network state entering v is computed once per batch and
-every bit width resumes from it. The deltas equal those of full evaluations (tests compare them).
-The noise floor beside each delta is the standard error of the paired per-window differences:
-the sampling noise of dBPB on this finite subset of validation windows.
+every bit width resumes from it; the float model's per-window NLL (the baseline) is computed once
+per seed by its own stage and shared by every sweep job. The deltas equal those of full
+evaluations (tests compare them). The noise floor beside each delta is the standard error of the
+paired per-window differences: the sampling noise of dBPB on this finite subset of windows.
 """
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,23 +18,45 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file
 
-from pgolf.data.scores import write_table
-from pgolf.data.tokenizer import ByteLUT, load_tokenizer, target_bytes
+from pgolf.data.bytecount import ByteLUT, load_tokenizer, target_bytes
+from pgolf.data.scores import read_metadata, write_table
 from pgolf.eval.bpb import val_stream
 from pgolf.eval.bpb import windows as val_windows
 from pgolf.model.checkpoint import load_model
-from pgolf.model.gpt import GPT, State, rms_norm
-from pgolf.plot import figure
-from pgolf.quant.artifact import encode_codes
-from pgolf.quant.codec import compress_best, shuffle_bytes
+from pgolf.model.config import GPTConfig
+from pgolf.model.gpt import GPT, rms_norm
+from pgolf.quant.artifact import quantized_bytes
 from pgolf.quant.gptq import GPTQConfig, dequantize, round_to_nearest, weighted_error
 
 
 @dataclass(kw_only=True)
 class SweepConfig:
     bits: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    group_bits: list[int] = field(default_factory=lambda: [6])  # the block-group sweep
     windows: int = 64  # validation windows of seq_len in the fixed sweep subset
     batch_seqs: int = 16
+    bootstrap: int = 2000  # resamples of windows for the amplification factor's interval
+
+
+@dataclass
+class Subset:
+    """The fixed sweep subset: batches of validation windows and the target bytes they hold."""
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    num_bytes: int
+
+    @property
+    def windows(self) -> int:
+        return sum(len(x) for x, _ in self.batches)
+
+
+def load_subset(shard_dir, tokenizer, vocab_size: int, *, windows: int, seq_len: int,
+                batch_seqs: int) -> Subset:
+    """The first `windows` validation windows, batched, and their byte count."""
+    lut = ByteLUT.from_tokenizer(load_tokenizer(tokenizer), vocab_size)
+    x, y = val_windows(val_stream(shard_dir), seq_len, windows)
+    batches = [(torch.from_numpy(x[i:i + batch_seqs]), torch.from_numpy(y[i:i + batch_seqs]))
+               for i in range(0, len(x), batch_seqs)]
+    return Subset(batches, int(target_bytes(x, y, lut).sum()))
 
 
 def first_position(model: GPT, name: str) -> int:
@@ -44,56 +68,152 @@ def first_position(model: GPT, name: str) -> int:
 
 
 @torch.no_grad()
-def window_nll(model: GPT, state: State, start: int, y: torch.Tensor) -> torch.Tensor:
-    """Per-window NLL sums (nats) resuming the network at virtual position `start`."""
-    depth = len(model.cfg.layer_sequence(model.looping))
-    logits = model.logits(rms_norm(model.advance(state, start, depth).x))
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none")
-    return nll.view(y.shape).double().sum(dim=1)
+def prefix_cache(model: GPT, subset: Subset, v: int) -> list:
+    """Per batch: the network state entering virtual layer v (None at v = 0), inputs, targets."""
+    return [(model.advance(model.initial_state(x), 0, v) if v else None, x, y)
+            for x, y in subset.batches]
 
 
 @torch.no_grad()
-def sweep_matrix(model: GPT, name: str, H: torch.Tensor, batches: list, *, cfg: SweepConfig,
-                 gptq: GPTQConfig, num_bytes: int) -> list[dict]:
-    """One row per bit width: dBPB, its noise floor, compressed bytes, slope, H-weighted error."""
-    param = dict(model.named_parameters())[name]
-    original = param.detach().clone()
+def window_nlls(model: GPT, cached: list, v: int) -> torch.Tensor:
+    """Per-window NLL sums (nats, float64), resuming every batch at virtual position v."""
+    depth = len(model.cfg.layer_sequence(model.looping))
+    out = []
+    for state, x, y in cached:
+        # At v = 0 the embedding may be the changed matrix, so the start state is rebuilt.
+        state = model.initial_state(x) if state is None else state
+        logits = model.logits(rms_norm(model.advance(state, v, depth).x))
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(),
+                                                reduction="none")
+        out.append(nll.view(y.shape).double().sum(dim=1))
+    return torch.cat(out)
+
+
+@contextmanager
+@torch.no_grad()
+def swapped(model: GPT, weights: dict[str, torch.Tensor]):
+    """The model with some parameters replaced, restored on exit."""
+    params = dict(model.named_parameters())
+    originals = {n: params[n].detach().clone() for n in weights}
+    try:
+        for name, w in weights.items():
+            params[name].copy_(w.to(params[name].dtype))
+        yield model
+    finally:
+        for name, w in originals.items():
+            params[name].copy_(w)
+
+
+def damage(nll: torch.Tensor, base: torch.Tensor, num_bytes: int) -> dict:
+    """dBPB of per-window NLLs against the baseline, and the SE of the paired differences."""
+    diff = (nll - base) / math.log(2) / num_bytes * len(base)  # mean(diff) is dBPB
+    return {"dbpb": float(diff.mean()), "noise_se": float(diff.std() / math.sqrt(len(diff))),
+            "per_window": diff}
+
+
+def sweep_matrix(model: GPT, name: str, H: torch.Tensor, subset: Subset, base: torch.Tensor, *,
+                 cfg: SweepConfig, gptq: GPTQConfig) -> list[dict]:
+    """One row per bit width: dBPB, its noise floor, bytes, slope, clip, H-weighted errors."""
+    original = dict(model.named_parameters())[name].detach().clone()
     v = first_position(model, name)
-    cached = [(model.advance(model.initial_state(x), 0, v) if v else None, x, y)
-              for x, y in batches]
-
-    def per_window() -> torch.Tensor:
-        # An embedding change reaches the start state too, so it is recomputed from scratch.
-        return torch.cat([window_nll(model, s if s is not None else model.initial_state(x), v, y)
-                          for s, x, y in cached])
-
-    base = per_window()
+    cached = prefix_cache(model, subset, v)
     rows = []
     for bits in cfg.bits:
-        codes, scales = gptq.quantize(original, H, bits)
-        param.copy_(dequantize(codes, scales).to(param.dtype))
-        diff = (per_window() - base) / math.log(2) / num_bytes * len(base)
-        param.copy_(original)
-        size = len(encode_codes(codes.numpy(), bits)[1]) + len(compress_best(
-            shuffle_bytes(scales.numpy().tobytes(), 2))[1])
-        dbpb = float(diff.mean())
+        codes, scales, clip = gptq.search(original, H, bits)
+        with swapped(model, {name: dequantize(codes, scales)}):
+            result = damage(window_nlls(model, cached, v), base, subset.num_bytes)
+        size = quantized_bytes(codes.numpy(), scales.numpy(), bits)
         rtn = round_to_nearest(original, scales, bits=bits)
-        rows.append({"matrix": name, "bits": bits, "dbpb": dbpb,
-                     "noise_se": float(diff.std(unbiased=True) / math.sqrt(len(diff))),
-                     "bytes": size, "slope_dbpb_per_kb": dbpb / (size / 1000),
+        rows.append({"matrix": name, "bits": bits, "dbpb": result["dbpb"],
+                     "noise_se": result["noise_se"], "bytes": size,
+                     "slope_dbpb_per_kb": result["dbpb"] / (size / 1000), "clip_sigmas": clip,
                      "weighted_error": weighted_error(original, dequantize(codes, scales), H),
                      "rtn_weighted_error": weighted_error(original, dequantize(rtn, scales), H),
-                     "first_position": v, "windows": len(base)})
+                     "params": original.numel(), "first_position": v,
+                     "windows": len(base)})
     return rows
 
 
-def sweep_cost(model: GPT, names: list[str]) -> float:
-    """Fraction of the naive cost (a full evaluation per matrix and bit width) the fast path
-    spends, counted in virtual layers run, with the LM head as one more layer."""
+def sweep_cost(model: GPT, names: list[str], bits: int = 5) -> float:
+    """The fast path's cost as a fraction of the naive one (a full evaluation per matrix and bit
+    width), counted in virtual layers run with the LM head as one more: per matrix, the prefix
+    once and the suffix per bit width; the shared baseline is one full evaluation in all."""
     depth = len(model.cfg.layer_sequence(model.looping)) + 1
-    spent = [depth if first_position(model, n) == 0 else depth - first_position(model, n)
-             for n in names]
-    return float(np.mean(spent)) / depth
+    positions = [first_position(model, n) for n in names]
+    spent = sum(v + bits * (depth - v) for v in positions) + depth
+    return spent / (bits * depth * len(names))
+
+
+def block_groups(cfg: GPTConfig, looping: bool) -> list[dict]:
+    """Physical layers in groups: the looped span as one group, the others in adjacent pairs
+    (the record stack's loop span 4-5 makes this (0,1), (2,3), (4,5), (6,7), (8,9), (10))."""
+    looped = cfg.looped_layers(looping)
+    groups, current = [], []
+    for layer in range(cfg.num_layers):
+        if layer in looped:
+            if current:
+                groups.append(current)
+            current = []
+            if layer == cfg.loop_end:
+                groups.append(sorted(looped))
+            continue
+        current.append(layer)
+        if len(current) == 2:
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    return [{"layers": g, "looped": bool(looped & set(g))} for g in groups]
+
+
+def sweep_groups(model: GPT, hessians: dict, subset: Subset, base: torch.Tensor, *,
+                 cfg: SweepConfig, gptq: GPTQConfig) -> tuple[list[dict], list[dict]]:
+    """Rows per block group and bit width (all the group's matrices quantized together), and per
+    bit width the loop amplification factor with its bootstrap interval."""
+    params = dict(model.named_parameters())
+    rows, diffs = [], {}
+    for group in block_groups(model.cfg, model.looping):
+        names = [n for n in hessians if n.startswith("blocks.")
+                 and int(n.split(".")[1]) in group["layers"]]
+        v = min(first_position(model, n) for n in names)
+        cached = prefix_cache(model, subset, v)
+        count = sum(params[n].numel() for n in names)
+        for bits in cfg.group_bits:
+            weights = {n: dequantize(*gptq.search(params[n].detach(), hessians[n], bits)[:2])
+                       for n in names}
+            with swapped(model, weights):
+                result = damage(window_nlls(model, cached, v), base, subset.num_bytes)
+            label = "-".join(map(str, group["layers"]))
+            diffs[label, bits] = (result["per_window"], count, group["looped"])
+            rows.append({"group": label, "layers": group["layers"], "looped": group["looped"],
+                         "bits": bits, "params": count, "matrices": len(names),
+                         "dbpb": result["dbpb"], "noise_se": result["noise_se"],
+                         "dbpb_per_mparam": result["dbpb"] / count * 1e6,
+                         "noise_se_per_mparam": result["noise_se"] / count * 1e6})
+    return rows, [amplification(diffs, bits, cfg.bootstrap) for bits in cfg.group_bits]
+
+
+def amplification(diffs: dict, bits: int, resamples: int) -> dict:
+    """A = damage per parameter of the looped group / mean of the non-looped groups', with a 95%
+    interval from resampling windows (paired: one draw of windows serves every group). A = 1 is
+    the null: looping does not amplify quantization damage."""
+    looped = [(d, n) for (_, b), (d, n, loop) in diffs.items() if b == bits and loop]
+    plain = [(d, n) for (_, b), (d, n, loop) in diffs.items() if b == bits and not loop]
+    if not looped or not plain:
+        return {"bits": bits, "amplification": None,
+                "why_none": "needs a looped group and a non-looped group"}
+
+    def ratio(index) -> np.ndarray:
+        def per_param(groups):
+            return np.mean([d.numpy()[index].mean(axis=-1) / n for d, n in groups], axis=0)
+        return per_param(looped) / per_param(plain)
+
+    windows = len(looped[0][0])
+    draws = np.random.default_rng(0).integers(0, windows, size=(resamples, windows))
+    boot = ratio(draws)
+    low, high = np.nanpercentile(boot, [2.5, 97.5])
+    return {"bits": bits, "amplification": float(ratio(np.arange(windows))),
+            "ci95": [float(low), float(high)], "resamples": resamples}
 
 
 DEFINITION = (
@@ -101,52 +221,71 @@ DEFINITION = (
     "matrix is GPTQ-quantized at `bits` (everything else float). noise_se: standard error of the "
     "paired per-window differences, the sampling noise of dbpb on this subset; deltas within "
     "about 2 noise_se of 0 are indistinguishable from no damage. bytes: the matrix's codes and "
-    "scales as the artifact would store them. slope_dbpb_per_kb: dbpb per 1000 of those bytes.")
+    "scales as the artifact codec stores them alone. slope_dbpb_per_kb: dbpb per 1000 of those "
+    "bytes. clip_sigmas: the SDClip k used (searched per tensor when gptq.clip_search is set).")
 
 
-def sweep_batches(shard_dir, lut, *, windows: int, seq_len: int, batch_seqs: int):
-    """The fixed sweep subset: the first `windows` validation windows, and their byte count."""
-    x, y = val_windows(val_stream(shard_dir), seq_len, windows)
-    num_bytes = int(target_bytes(x, y, lut).sum())
-    batches = [(torch.from_numpy(x[i:i + batch_seqs]), torch.from_numpy(y[i:i + batch_seqs]))
-               for i in range(0, len(x), batch_seqs)]
-    return batches, num_bytes
+def build_baseline(model_path, shard_dir, tokenizer, out, *, cfg: SweepConfig, seq_len: int,
+                   provenance=None) -> torch.Tensor:
+    """The float model's per-window NLL on the sweep subset: the baseline of every sweep job."""
+    model = load_model(model_path).eval()
+    subset = load_subset(shard_dir, tokenizer, model.cfg.vocab_size, windows=cfg.windows,
+                         seq_len=seq_len, batch_seqs=cfg.batch_seqs)
+    nll = window_nlls(model, prefix_cache(model, subset, 0), 0)
+    total = float(nll.sum())
+    meta = {"bytes_scored": subset.num_bytes, "windows": len(nll), "seq_len": seq_len,
+            "bpb": total / math.log(2) / subset.num_bytes,
+            "provenance": provenance.record() if provenance else None}
+    write_table(pa.table({"window": np.arange(len(nll)), "nll_nats": nll.numpy()}), out, meta)
+    return nll
 
 
-def build_sweep(model_path, hessians_path, shard_dir, tokenizer, matrix: str, out, *,
+def read_baseline(path, subset: Subset) -> torch.Tensor:
+    meta = read_metadata(path)
+    if meta["windows"] != subset.windows or meta["bytes_scored"] != subset.num_bytes:
+        raise ValueError(f"{path}: baseline of {meta['windows']} windows / "
+                         f"{meta['bytes_scored']} bytes does not match the sweep subset "
+                         f"({subset.windows} / {subset.num_bytes})")
+    return torch.from_numpy(pq.read_table(path)["nll_nats"].to_numpy())
+
+
+def load_sweep_inputs(model_path, hessians_path, shard_dir, tokenizer, baseline, *,
+                      cfg: SweepConfig, seq_len: int):
+    model = load_model(model_path).eval()
+    subset = load_subset(shard_dir, tokenizer, model.cfg.vocab_size, windows=cfg.windows,
+                         seq_len=seq_len, batch_seqs=cfg.batch_seqs)
+    return model, load_file(str(hessians_path)), subset, read_baseline(baseline, subset)
+
+
+def build_sweep(model_path, hessians_path, shard_dir, tokenizer, baseline, matrix: str, out, *,
                 cfg: SweepConfig, gptq: GPTQConfig, seq_len: int, provenance=None) -> list[dict]:
     """The sweep stage for one matrix: rows per bit width, parquet with the definition."""
-    model = load_model(model_path).eval()
-    hessians = load_file(str(hessians_path))
+    model, hessians, subset, base = load_sweep_inputs(
+        model_path, hessians_path, shard_dir, tokenizer, baseline, cfg=cfg, seq_len=seq_len)
     if matrix not in hessians:
         raise ValueError(f"{hessians_path}: no Hessian for {matrix}")
-    lut = ByteLUT.from_tokenizer(load_tokenizer(tokenizer), model.cfg.vocab_size)
-    batches, num_bytes = sweep_batches(shard_dir, lut, windows=cfg.windows, seq_len=seq_len,
-                                       batch_seqs=cfg.batch_seqs)
-    rows = sweep_matrix(model, matrix, hessians[matrix], batches, cfg=cfg, gptq=gptq,
-                        num_bytes=num_bytes)
-    meta = {"definition": DEFINITION, "bytes_scored": num_bytes,
+    rows = sweep_matrix(model, matrix, hessians[matrix], subset, base, cfg=cfg, gptq=gptq)
+    meta = {"definition": DEFINITION, "bytes_scored": subset.num_bytes,
             "provenance": provenance.record() if provenance else None}
     write_table(pa.Table.from_pylist(rows), out, meta)
     return rows
 
 
-def aggregate_sensitivity(paths: list, out, plot_out, *, provenance=None) -> pa.Table:
-    """All matrices' rows in one table, and a plot of slopes with their noise floors."""
-    table = pa.concat_tables([pq.read_table(p) for p in paths])
-    write_table(table, out, {"definition": DEFINITION,
-                             "provenance": provenance.record() if provenance else None})
-    plot_slopes(table.to_pylist(), plot_out)
-    return table
+GROUP_DEFINITION = (
+    "Block-group sweep: every quantizable matrix of the group's blocks GPTQ-quantized at `bits` "
+    "together, everything else float. dbpb_per_mparam: damage per million parameters. "
+    "amplification (metadata): damage per parameter of the looped group over the mean of the "
+    "non-looped groups', with a 95% interval from resampling windows; 1 is the null.")
 
 
-def plot_slopes(rows: list[dict], out) -> None:
-    bits = sorted({r["bits"] for r in rows})
-    mid = bits[len(bits) // 2]
-    chosen = sorted((r for r in rows if r["bits"] == mid), key=lambda r: -r["dbpb"])
-    with figure(out, size=(8, max(3, 0.22 * len(chosen)))) as ax:
-        ax.barh([r["matrix"] for r in chosen], [r["dbpb"] for r in chosen],
-                xerr=[2 * r["noise_se"] for r in chosen], color="#4c72b0", ecolor="#c44e52")
-        ax.invert_yaxis()
-        ax.set(xlabel=f"dBPB at int{mid} (error bars: 2 x noise SE)",
-               title="Per-matrix quantization damage")
+def build_groups(model_path, hessians_path, shard_dir, tokenizer, baseline, out, *,
+                 cfg: SweepConfig, gptq: GPTQConfig, seq_len: int, provenance=None) -> dict:
+    """The block-group stage: rows per group and bit width, amplification in the metadata."""
+    model, hessians, subset, base = load_sweep_inputs(
+        model_path, hessians_path, shard_dir, tokenizer, baseline, cfg=cfg, seq_len=seq_len)
+    rows, factors = sweep_groups(model, hessians, subset, base, cfg=cfg, gptq=gptq)
+    meta = {"definition": GROUP_DEFINITION, "amplification": factors,
+            "bytes_scored": subset.num_bytes,
+            "provenance": provenance.record() if provenance else None}
+    write_table(pa.Table.from_pylist(rows), out, meta)
+    return {"rows": rows, "amplification": factors}

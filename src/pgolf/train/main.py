@@ -23,9 +23,9 @@ import pyarrow.parquet as pq
 import torch
 
 from pgolf.config import section
+from pgolf.data.bytecount import ByteLUT, load_tokenizer
 from pgolf.data.loader import open_streams
 from pgolf.data.shards import list_shards, summary_path, token_counts
-from pgolf.data.tokenizer import ByteLUT, load_tokenizer
 from pgolf.eval.bpb import evaluate, unigram_bpb, val_stream
 from pgolf.io import read_json, sha256_file, write_json
 from pgolf.model.checkpoint import save_model

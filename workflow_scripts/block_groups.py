@@ -1,0 +1,19 @@
+"""Block-group stage: dBPB when all matrices of a block group are quantized together."""
+
+from pathlib import Path
+
+from pgolf.config import section
+from pgolf.quant.gptq import GPTQConfig
+from pgolf.quant.sweep import SweepConfig, build_groups
+from pgolf.stage import logged, provenance
+
+with logged(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
+    sm = snakemake  # noqa: F821
+    build_groups(
+        *(Path(sm.input[k]) for k in ("model", "hessians", "shards", "tokenizer", "baseline")),
+        Path(sm.output[0]),
+        cfg=section(SweepConfig, sm.params.sweep, "sweep"),
+        gptq=section(GPTQConfig, sm.params.gptq, "gptq"),
+        seq_len=sm.params.seq_len,
+        provenance=provenance(sm, stage="block_groups"),
+    )
