@@ -68,7 +68,7 @@ def test_curves_are_monotone_and_non_negative():
 def test_rd_fits_the_budget_at_any_resolution():
     rng = np.random.default_rng(0)
     curves = damage_curves(rows_for([f"m{i}" for i in range(12)], rng))
-    for budget in (20_000, 30_000, 45_000):
+    for budget in (25_000, 32_000, 45_000):
         for resolution in (1, 7, 64):
             bits = rd_bits(curves, budget, resolution)
             assert sum(curves[n][b]["bytes"] for n, b in bits.items()) <= budget

@@ -1,11 +1,17 @@
 """The packed artifact: a versioned container of quantized and passthrough tensors, never pickled.
 
-Layout: MAGIC (8 bytes) | version u16 | header length u32 | header (UTF-8 JSON) | sections.
-The header lists every section (offset, length, codec, crc32) and every tensor (name, shape, kind,
-bits, the sections holding it). Quantized tensors keep int codes in [-qmax, qmax] and one fp16
-scale per row; each code section is stored with whichever of rANS, bit packing + a general
-compressor, or int8 + byte shuffle + a general compressor is smallest. Small float tensors go to one
-fp16 group. Reading validates magic, version, lengths and checksums before decoding anything.
+Layout (version 2): MAGIC (8 bytes) | version u16 | header length u32 | header crc32 u32 |
+header: brotli-compressed UTF-8 JSON {"tensors": [[name, shape, bits or null], ...],
+"lengths": [section bytes, ...], "fp16": compressor of the fp16 group or null, "crc32": of all
+sections, "meta": the caller's} | sections, back to back: one per quantized tensor, in the order
+of "tensors", then the fp16 group.
+A quantized tensor (int codes in [-qmax, qmax], one fp16 scale per row) is coded alone by
+codec.encode_tensor: context-modelled rANS over codes and scales (row references, row and column
+classes, chosen per tensor by size), so quantized_bytes() is exactly its section's size and the
+file is the sum of those, the fp16 group and the header. Passthrough float tensors go to one
+fp16 group (stride-2 byte shuffle + the best general compressor).
+Reading checks magic, version, header length and checksum, section lengths and checksum before
+decoding anything; damage raises ValueError naming the file.
 """
 
 import json
@@ -14,25 +20,25 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import brotli
 import numpy as np
 import torch
 
 from pgolf.io import write_bytes
 from pgolf.quant.codec import (
     compress_best,
+    decode_tensor,
+    decode_tensors,
     decompress,
-    pack_bits,
-    rans_pack,
-    rans_unpack,
+    encode_tensor,
     shuffle_bytes,
-    unpack_bits,
     unshuffle_bytes,
 )
 from pgolf.quant.gptq import qmax
 
 MAGIC = b"PGOLF\x00AR"
-VERSION = 1
-PREFIX = struct.Struct("<8sHI")
+VERSION = 2
+PREFIX = struct.Struct("<8sHII")
 
 
 @dataclass
@@ -42,70 +48,84 @@ class Quantized:
     bits: int
 
 
+def _grid(shape) -> tuple[int, int]:
+    """(rows, everything else) of a tensor shape: one scale per row."""
+    return (shape[0] if len(shape) else 1), int(np.prod(shape[1:], dtype=np.int64))
+
+
+def _matrix(codes, bits: int) -> np.ndarray:
+    """Codes as an int64 (rows, everything else) matrix, checked against the bit width."""
+    codes = np.asarray(codes)
+    matrix = codes.astype(np.int64).reshape(_grid(codes.shape))
+    q = qmax(bits)
+    if matrix.size and np.abs(matrix).max() > q:
+        raise ValueError(f"codes reach {int(np.abs(matrix).max())}, outside int{bits}'s "
+                         f"[-{q}, {q}]")
+    return matrix
+
+
+def _patterns(scales, rows: int) -> np.ndarray:
+    patterns = np.asarray(scales, dtype=np.float16).ravel().view(np.uint16)
+    if len(patterns) != rows:
+        raise ValueError(f"{len(patterns)} scales for {rows} rows of codes")
+    return patterns
+
+
 def encode_codes(codes: np.ndarray, bits: int) -> tuple[str, bytes]:
-    """The smallest encoding of a code tensor (values in [-qmax, qmax])."""
-    q = qmax(bits)
-    symbols = codes.astype(np.int64).ravel() + q
-    options = {"rans": rans_pack(symbols, 2 * q + 1)}
-    name, blob = compress_best(pack_bits(symbols, bits))
-    options[f"bits+{name}"] = blob
-    name, blob = compress_best(codes.astype(np.int8).tobytes())
-    options[f"int8+{name}"] = blob
-    best = min(options, key=lambda k: len(options[k]))
-    return best, options[best]
+    """(model name, bytes) of a code tensor alone, as the artifact codes it (without scales)."""
+    return encode_tensor(_matrix(codes, bits))[:2]
 
 
-def decode_codes(codec: str, blob: bytes, bits: int, count: int) -> np.ndarray:
-    q = qmax(bits)
-    if codec == "rans":
-        return (rans_unpack(blob) - q).astype(np.int8)
-    layout, _, compressor = codec.partition("+")
-    raw = decompress(compressor, blob)
-    if layout == "bits":
-        return (unpack_bits(raw, bits, count).astype(np.int64) - q).astype(np.int8)
-    if layout == "int8":
-        return np.frombuffer(raw, dtype=np.int8).copy()
-    raise ValueError(f"unknown code codec {codec!r}")
+def _int8(codes: np.ndarray, shape, bits: int) -> np.ndarray:
+    _matrix(codes, bits)  # a corrupt stream can decode to values outside the grid
+    return codes.astype(np.int8).reshape(shape)
 
 
-class _Writer:
-    def __init__(self):
-        self.sections, self.payload = [], bytearray()
+def decode_codes(blob: bytes, shape, bits: int) -> np.ndarray:
+    """int8 codes of `shape` from encode_codes' bytes."""
+    return _int8(decode_tensor(blob, *_grid(tuple(shape)))[0], tuple(shape), bits)
 
-    def add(self, data: bytes, codec: str) -> int:
-        self.sections.append({"offset": len(self.payload), "length": len(data), "codec": codec,
-                              "crc32": zlib.crc32(data)})
-        self.payload += data
-        return len(self.sections) - 1
+
+def _encode(codes, scales, bits: int) -> tuple[str, bytes, int]:
+    """A quantized tensor's section: (model name, bytes, bytes attributed to the scales)."""
+    matrix = _matrix(codes, bits)
+    return encode_tensor(matrix, _patterns(scales, len(matrix)))
+
+
+def quantized_bytes(codes: np.ndarray, scales: np.ndarray, bits: int) -> int:
+    """Bytes one quantized tensor's section takes in the artifact (codes and scales): exact, as
+    every quantized tensor is coded on its own; the artifact adds only the shared header."""
+    return len(_encode(codes, scales, bits)[1])
 
 
 def pack_artifact(tensors: dict[str, Quantized | torch.Tensor], meta: dict) -> tuple[bytes, dict]:
-    """Container bytes and a per-tensor byte breakdown."""
-    w, table, breakdown = _Writer(), [], {}
-    passthrough = [(n, t) for n, t in tensors.items() if not isinstance(t, Quantized)]
+    """Container bytes and a per-tensor byte breakdown. A quantized tensor's "scales" bytes are
+    the coder's estimate of its scales' share of the tensor's section, "codes" the rest."""
+    entries, payload, breakdown = [], [], {}
     for name, t in tensors.items():
         if isinstance(t, Quantized):
-            codec, blob = encode_codes(t.codes.numpy(), t.bits)
-            scale_codec, scale_blob = compress_best(shuffle_bytes(
-                t.scales.to(torch.float16).numpy().tobytes(), 2))
-            table.append({"name": name, "kind": "quantized", "shape": list(t.codes.shape),
-                          "bits": t.bits, "codes": w.add(blob, codec),
-                          "scales": w.add(scale_blob, scale_codec)})
-            breakdown[name] = {"codes": len(blob), "scales": len(scale_blob), "codec": codec}
+            codec, blob, scale_bytes = _encode(t.codes.numpy(), t.scales.to(torch.float16).numpy(),
+                                               t.bits)
+            entries.append([name, list(t.codes.shape), t.bits])
+            payload.append(blob)
+            breakdown[name] = {"codes": len(blob) - scale_bytes, "scales": scale_bytes,
+                               "codec": codec}
+    passthrough = [(n, t) for n, t in tensors.items() if not isinstance(t, Quantized)]
+    fp16_codec = None
     if passthrough:
         raw = b"".join(t.detach().to(torch.float16).numpy().tobytes() for _, t in passthrough)
-        codec, blob = compress_best(shuffle_bytes(raw, 2))
-        section = w.add(blob, codec)
-        for name, t in passthrough:
-            table.append({"name": name, "kind": "fp16", "shape": list(t.shape),
-                          "section": section})
+        fp16_codec, blob = compress_best(shuffle_bytes(raw, 2))
+        entries += [[n, list(t.shape), None] for n, t in passthrough]
+        payload.append(blob)
         breakdown["fp16 group"] = {"bytes": len(blob), "tensors": len(passthrough),
-                                   "codec": codec}
-    header = json.dumps({"tensors": table, "sections": w.sections, "meta": meta},
-                        separators=(",", ":")).encode()
-    data = PREFIX.pack(MAGIC, VERSION, len(header)) + header + bytes(w.payload)
-    breakdown["header"] = PREFIX.size + len(header)
-    return data, breakdown
+                                   "codec": fp16_codec}
+    body = b"".join(payload)
+    header = brotli.compress(json.dumps(
+        {"tensors": entries, "lengths": [len(b) for b in payload], "fp16": fp16_codec,
+         "crc32": zlib.crc32(body), "meta": meta}, separators=(",", ":")).encode(), quality=11)
+    data = PREFIX.pack(MAGIC, VERSION, len(header), zlib.crc32(header)) + header
+    breakdown["header"] = len(data)
+    return data + body, breakdown
 
 
 def write_artifact(path: Path, tensors: dict, meta: dict) -> dict:
@@ -114,10 +134,11 @@ def write_artifact(path: Path, tensors: dict, meta: dict) -> dict:
     return {"bytes": len(data), "breakdown": breakdown}
 
 
-def _sections(path: Path, data: bytes) -> tuple[dict, list[bytes]]:
+def _header(path: Path, data: bytes) -> tuple[dict, int]:
+    """The checked, parsed header and where the sections start."""
     if len(data) < PREFIX.size:
         raise ValueError(f"artifact {path}: {len(data)} bytes, shorter than its prefix")
-    magic, version, header_len = PREFIX.unpack_from(data)
+    magic, version, header_len, crc = PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise ValueError(f"artifact {path}: wrong magic {magic!r} (expected {MAGIC!r})")
     if version != VERSION:
@@ -125,52 +146,88 @@ def _sections(path: Path, data: bytes) -> tuple[dict, list[bytes]]:
     start = PREFIX.size + header_len
     if start > len(data):
         raise ValueError(f"artifact {path}: header of {header_len} bytes runs past the file end")
+    if zlib.crc32(data[PREFIX.size:start]) != crc:
+        raise ValueError(f"artifact {path}: header fails its checksum")
     try:
-        header = json.loads(data[PREFIX.size:start])
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        header = json.loads(decompress("brotli", data[PREFIX.size:start]))
+    except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"artifact {path}: corrupt header ({err})") from None
-    blobs = []
-    for i, s in enumerate(header["sections"]):
-        blob = data[start + s["offset"]:start + s["offset"] + s["length"]]
-        if len(blob) != s["length"]:
-            raise ValueError(f"artifact {path}: section {i} is truncated "
-                             f"({len(blob)} of {s['length']} bytes)")
-        if zlib.crc32(blob) != s["crc32"]:
-            raise ValueError(f"artifact {path}: section {i} fails its checksum")
-        blobs.append(blob)
-    return header, blobs
+    if not _well_formed(header):
+        raise ValueError(f"artifact {path}: header does not list tensors, lengths, fp16, crc32 "
+                         "and meta as version 2 does")
+    return header, start
+
+
+def _well_formed(header) -> bool:
+    def count(n):
+        return isinstance(n, int) and n >= 0
+
+    def entry(e):
+        return (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
+                and isinstance(e[1], list) and all(map(count, e[1]))
+                and (e[2] is None or isinstance(e[2], int)))
+
+    return (isinstance(header, dict) and "meta" in header and count(header.get("crc32"))
+            and isinstance(header.get("fp16", 0), str | None)
+            and isinstance(header.get("tensors"), list) and all(map(entry, header["tensors"]))
+            and isinstance(header.get("lengths"), list) and all(map(count, header["lengths"])))
+
+
+def _sections(path: Path, data: bytes) -> tuple[dict, list[bytes]]:
+    """The header and the section bytes, after checking their lengths and checksum."""
+    header, start = _header(path, data)
+    body, lengths = data[start:], header["lengths"]
+    quantized = sum(entry[2] is not None for entry in header["tensors"])
+    if len(lengths) != quantized + (header["fp16"] is not None):
+        raise ValueError(f"artifact {path}: {len(lengths)} sections for {quantized} quantized "
+                         "tensors and the fp16 group")
+    if sum(lengths) != len(body):
+        raise ValueError(f"artifact {path}: sections hold {len(body)} bytes, the header lists "
+                         f"{sum(lengths)} (truncated or padded)")
+    if zlib.crc32(body) != header["crc32"]:
+        raise ValueError(f"artifact {path}: sections fail their checksum")
+    ends = np.cumsum(lengths).tolist()
+    return header, [body[end - n:end] for n, end in zip(lengths, ends, strict=True)]
+
+
+def _decode_quantized(entries: list, blobs: list[bytes]) -> dict[str, Quantized]:
+    """Every quantized tensor, their sections decoded together (one rANS loop for all)."""
+    decoded = decode_tensors([(blob, *_grid(shape)) for (_, shape, _), blob in zip(
+        entries, blobs, strict=True)])
+    out = {}
+    for (name, shape, bits), (codes, patterns) in zip(entries, decoded, strict=True):
+        if patterns is None:
+            raise ValueError(f"{name}: its section holds no scales")
+        out[name] = Quantized(torch.from_numpy(_int8(codes, shape, bits)),
+                              torch.from_numpy(patterns.astype(np.uint16).view(np.float16)), bits)
+    return out
+
+
+def _decode_fp16(members: list, blob: bytes, codec: str) -> dict[str, torch.Tensor]:
+    raw = np.frombuffer(unshuffle_bytes(decompress(codec, blob), 2), dtype=np.float16)
+    out, offset = {}, 0
+    for name, shape, _ in members:
+        n = int(np.prod(shape, dtype=np.int64))
+        if offset + n > raw.size:
+            raise ValueError(f"fp16 group ends inside {name}")
+        out[name] = torch.from_numpy(raw[offset:offset + n].reshape(shape).copy()).float()
+        offset += n
+    if offset != raw.size:
+        raise ValueError(f"fp16 group has {raw.size - offset} values left over")
+    return out
 
 
 def read_artifact(path: Path) -> tuple[dict[str, torch.Tensor | Quantized], dict]:
     """Every tensor of an artifact (quantized ones as codes + scales) and its meta."""
     path = Path(path)
     header, blobs = _sections(path, path.read_bytes())
-    sections, out, fp16 = header["sections"], {}, {}
-    for entry in header["tensors"]:
-        shape = tuple(entry["shape"])
-        if entry["kind"] == "quantized":
-            count = int(np.prod(shape))
-            codes = decode_codes(sections[entry["codes"]]["codec"], blobs[entry["codes"]],
-                                 entry["bits"], count)
-            scale_section = sections[entry["scales"]]
-            scales = np.frombuffer(unshuffle_bytes(decompress(
-                scale_section["codec"], blobs[entry["scales"]]), 2), dtype=np.float16)
-            if codes.size != count or scales.size != shape[0]:
-                raise ValueError(f"artifact {path}: {entry['name']} holds {codes.size} codes and "
-                                 f"{scales.size} scales for shape {list(shape)}")
-            out[entry["name"]] = Quantized(torch.from_numpy(codes.reshape(shape)),
-                                           torch.from_numpy(scales.copy()), entry["bits"])
-        else:
-            fp16.setdefault(entry["section"], []).append((entry["name"], shape))
-    for section, members in fp16.items():
-        raw = np.frombuffer(unshuffle_bytes(decompress(sections[section]["codec"],
-                                                       blobs[section]), 2), dtype=np.float16)
-        offset = 0
-        for name, shape in members:
-            n = int(np.prod(shape))
-            out[name] = torch.from_numpy(raw[offset:offset + n].reshape(shape).copy()).float()
-            offset += n
-        if offset != raw.size:
-            raise ValueError(f"artifact {path}: fp16 group {section} has {raw.size - offset} "
-                             "values left over")
-    return out, header["meta"]
+    try:
+        quantized = [e for e in header["tensors"] if e[2] is not None]
+        out = _decode_quantized(quantized, blobs[:len(quantized)])
+        if header["fp16"] is not None:
+            out.update(_decode_fp16([e for e in header["tensors"] if e[2] is None], blobs[-1],
+                                    header["fp16"]))
+        return {name: out[name] for name, _, _ in header["tensors"]}, header["meta"]
+    except (ValueError, KeyError, IndexError, TypeError) as err:
+        raise ValueError(f"artifact {path}: corrupt content ({type(err).__name__}: {err})") \
+            from None
