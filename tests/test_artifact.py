@@ -142,3 +142,27 @@ def test_corrupt_artifacts_are_refused(tmp_path, damage, words):
     assert "bad.pgz" in str(err.value)
     for word in words:
         assert word in str(err.value)
+
+
+@pytest.mark.parametrize("codec", ["freezedry", "sparse24"])
+def test_optional_codec_tensors_round_trip(tmp_path, codec):
+    import importlib
+
+    from pgolf.quant.artifact import Encoded
+    from pgolf.quant.codebytes import code_bytes
+
+    module = importlib.import_module(f"pgolf.quant.{codec}")
+    torch.manual_seed(0)
+    W = torch.randn(16, 32) * 0.05
+    rep = module.encode(W, torch.eye(32), bits=4, clip_sigmas=6.5)
+    original = tensors()
+    original["blocks.0.mlp.proj.weight"] = Encoded(codec, (16, 32), 4, module.pack(rep))
+    info = write_artifact(tmp_path / "a.pgz", original, {})
+    loaded, _ = read_artifact(tmp_path / "a.pgz")
+    assert set(loaded) == set(original)
+    assert torch.equal(loaded["blocks.0.mlp.proj.weight"], module.dequantize(rep))
+    assert info["breakdown"]["blocks.0.mlp.proj.weight"]["codec"] == codec
+    # the codec's source counts as code bytes only when an artifact uses it
+    plain, used = code_bytes(), code_bytes(extra=(f"pgolf/quant/{codec}.py",))
+    assert f"pgolf/quant/{codec}.py" not in plain["files"]
+    assert f"pgolf/quant/{codec}.py" in used["files"] and used["bytes"] > plain["bytes"]

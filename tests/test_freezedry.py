@@ -12,7 +12,7 @@ import torch
 from test_gptq import calibration
 
 from pgolf.quant import freezedry as fd
-from pgolf.quant.gptq import _gptq_codes, gptq, qmax, sdclip_scales, weighted_error
+from pgolf.quant.gptq import gptq, prepare, sdclip_scales, weighted_error
 
 BITS, CLIP = 6, 12.85
 
@@ -58,7 +58,7 @@ def test_round_trip_is_exact(dried):
 def test_dequantize_matches_what_the_encoder_assumed(dried):
     W, H = dried[:2]
     scale = sdclip_scales(W, bits=BITS, clip_sigmas=CLIP)
-    rep, assumed = fd.freeze_dry_sweep(*fd.prepare(W, H), scale, bits=BITS,
+    rep, assumed = fd.freeze_dry_sweep(*prepare(W, H), scale, bits=BITS,
                                        cfg=fd.FreezeDryConfig())
     assert rep.dropped.any()
     assert torch.equal(fd.dequantize(fd.unpack(fd.pack(rep))), assumed)  # bit for bit
@@ -128,21 +128,6 @@ def test_mask_costs_about_its_entropy():
     bound = mixed.numel() * -(p * math.log2(p) + (1 - p) * math.log2(1 - p)) / 8
     mask_bytes = len(fd.rans_pack(mixed.numpy().astype("int64"), 2))
     assert mask_bytes < bound + 64  # the table and lane states, not 1 byte per element
-
-
-def test_shared_sweep_reproduces_the_gptq_kernel():
-    W, H = calibration(32, 48, seed=6)
-    W, H = fd.prepare(W, H)
-    s, q = sdclip_scales(W, bits=4, clip_sigmas=6.0).float(), qmax(4)
-    codes = []
-
-    def round_column(j, rest, d):
-        codes.append(torch.clamp(torch.round(rest[:, 0] / s), -q, q))
-        return codes[-1] * s
-
-    fd.obs_sweep(W.clone(), fd.upper_hinv(H, 0.01), round_column, block_size=16)
-    ref = _gptq_codes(W.clone(), H, s, bits=4, block_size=16, damp=0.01, act_order=False)
-    assert torch.equal(torch.stack(codes, dim=1).to(torch.int8), ref)
 
 
 def test_unpack_rejects_truncated_and_corrupt_blobs(dried):

@@ -9,11 +9,15 @@ A quantized tensor (int codes in [-qmax, qmax], one fp16 scale per row) is coded
 codec.encode_tensor: context-modelled rANS over codes and scales (row references, row and column
 classes, chosen per tensor by size), so quantized_bytes() is exactly its section's size and the
 file is the sum of those, the fp16 group and the header. Passthrough float tensors go to one
-fp16 group (stride-2 byte shuffle + the best general compressor).
+fp16 group (stride-2 byte shuffle + the best general compressor). A tensor stored by an optional
+codec (pack.matrix_codec: freezedry or sparse24) is listed as [name, shape, bits, codec] and its
+section is that module's self-describing blob; the module is imported only to read such a tensor,
+so an artifact without one needs none of its code (and counts none of it as code bytes).
 Reading checks magic, version, header length and checksum, section lengths and checksum before
 decoding anything; damage raises ValueError naming the file.
 """
 
+import importlib
 import json
 import struct
 import zlib
@@ -36,6 +40,7 @@ from pgolf.quant.codec import (
 )
 from pgolf.quant.gptq import qmax
 
+OPTIONAL_CODECS = {"freezedry": "pgolf.quant.freezedry", "sparse24": "pgolf.quant.sparse24"}
 MAGIC = b"PGOLF\x00AR"
 VERSION = 2
 PREFIX = struct.Struct("<8sHII")
@@ -46,6 +51,15 @@ class Quantized:
     codes: torch.Tensor  # int8, (rows, cols)
     scales: torch.Tensor  # fp16, (rows,)
     bits: int
+
+
+@dataclass
+class Encoded:
+    """A tensor stored by an optional codec: its module's pack() bytes, read back dequantized."""
+    codec: str
+    shape: tuple
+    bits: int
+    blob: bytes
 
 
 def _grid(shape) -> tuple[int, int]:
@@ -110,7 +124,11 @@ def pack_artifact(tensors: dict[str, Quantized | torch.Tensor], meta: dict) -> t
             payload.append(blob)
             breakdown[name] = {"codes": len(blob) - scale_bytes, "scales": scale_bytes,
                                "codec": codec}
-    passthrough = [(n, t) for n, t in tensors.items() if not isinstance(t, Quantized)]
+        elif isinstance(t, Encoded):
+            entries.append([name, list(t.shape), t.bits, t.codec])
+            payload.append(t.blob)
+            breakdown[name] = {"codes": len(t.blob), "scales": 0, "codec": t.codec}
+    passthrough = [(n, t) for n, t in tensors.items() if not isinstance(t, Quantized | Encoded)]
     fp16_codec = None
     if passthrough:
         raw = b"".join(t.detach().to(torch.float16).numpy().tobytes() for _, t in passthrough)
@@ -163,7 +181,8 @@ def _well_formed(header) -> bool:
         return isinstance(n, int) and n >= 0
 
     def entry(e):
-        return (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
+        return (isinstance(e, list) and (len(e) == 3 or len(e) == 4 and e[3] in OPTIONAL_CODECS)
+                and isinstance(e[0], str)
                 and isinstance(e[1], list) and all(map(count, e[1]))
                 and (e[2] is None or isinstance(e[2], int)))
 
@@ -217,17 +236,30 @@ def _decode_fp16(members: list, blob: bytes, codec: str) -> dict[str, torch.Tens
     return out
 
 
+def _decode_optional(entry: list, blob: bytes) -> torch.Tensor:
+    name, shape, _, codec = entry
+    module = importlib.import_module(OPTIONAL_CODECS[codec])
+    W = module.dequantize(module.unpack(blob))
+    if list(W.shape) != shape:
+        raise ValueError(f"{name}: its {codec} section holds shape {list(W.shape)}, not {shape}")
+    return W
+
+
 def read_artifact(path: Path) -> tuple[dict[str, torch.Tensor | Quantized], dict]:
-    """Every tensor of an artifact (quantized ones as codes + scales) and its meta."""
+    """Every tensor of an artifact (quantized ones as codes + scales, optional-codec ones
+    dequantized) and its meta."""
     path = Path(path)
     header, blobs = _sections(path, path.read_bytes())
     try:
-        quantized = [e for e in header["tensors"] if e[2] is not None]
-        out = _decode_quantized(quantized, blobs[:len(quantized)])
+        sections = list(zip([e for e in header["tensors"] if e[2] is not None], blobs,
+                            strict=False))
+        plain = [(e, b) for e, b in sections if len(e) == 3]
+        out = _decode_quantized([e for e, _ in plain], [b for _, b in plain])
+        out.update({e[0]: _decode_optional(e, b) for e, b in sections if len(e) == 4})
         if header["fp16"] is not None:
             out.update(_decode_fp16([e for e in header["tensors"] if e[2] is None], blobs[-1],
                                     header["fp16"]))
-        return {name: out[name] for name, _, _ in header["tensors"]}, header["meta"]
+        return {e[0]: out[e[0]] for e in header["tensors"]}, header["meta"]
     except (ValueError, KeyError, IndexError, TypeError) as err:
         raise ValueError(f"artifact {path}: corrupt content ({type(err).__name__}: {err})") \
             from None

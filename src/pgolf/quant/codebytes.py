@@ -19,10 +19,11 @@ DECODER_ENTRY = ("pgolf/quant/artifact.py", "pgolf/model/gpt.py", "pgolf/eval/bp
 WRAPPER = "import base64,brotli\nexec(brotli.decompress(base64.b85decode({!r})))\n"
 
 
-def code_bytes(src: Path = SRC) -> dict:
-    """Counted bytes of the decoder/evaluator source, and the files they come from."""
+def code_bytes(src: Path = SRC, extra: tuple[str, ...] = ()) -> dict:
+    """Counted bytes of the decoder/evaluator source (plus `extra` entry modules, such as an
+    optional codec the artifact uses), and the files they come from."""
     src = Path(src)
-    files = import_closure(*(src / e for e in DECODER_ENTRY), src=src)
+    files = import_closure(*(src / e for e in (*DECODER_ENTRY, *extra)), src=src)
     bundle = b"".join(f"# {f.relative_to(src)}\n".encode() + f.read_bytes() for f in files)
     packed = base64.b85encode(brotli.compress(bundle, quality=11))
     wrapper = WRAPPER.format(packed.decode()).encode()

@@ -1,5 +1,6 @@
 """From EMA weights and Hessians to the packed artifact: quantize, pack, count code bytes, gate."""
 
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from safetensors.torch import load_file
 from pgolf.io import write_json
 from pgolf.model.checkpoint import read_header
 from pgolf.provenance import Provenance
-from pgolf.quant.artifact import Quantized, write_artifact
+from pgolf.quant.artifact import OPTIONAL_CODECS, Encoded, Quantized, write_artifact
 from pgolf.quant.codebytes import CHALLENGE_BYTES, SRC, code_bytes
 from pgolf.quant.codec import entropy_bound_bytes
 from pgolf.quant.gptq import GPTQConfig, qmax
@@ -46,6 +47,27 @@ def dequantize_state(tensors: dict) -> dict[str, torch.Tensor]:
 @dataclass(kw_only=True)
 class PackConfig:
     limit_bytes: int = CHALLENGE_BYTES  # artifact + code bytes must not exceed this
+    # Block matrices' codec: gptq, or an optional one (off by default: neither paid off on the
+    # demo model, see bench/optional_codecs.py). The embedding always stays GPTQ.
+    matrix_codec: str = "gptq"
+
+    def __post_init__(self):
+        if self.matrix_codec != "gptq" and self.matrix_codec not in OPTIONAL_CODECS:
+            raise ValueError(f"pack.matrix_codec = {self.matrix_codec!r}: expected gptq or one "
+                             f"of {sorted(OPTIONAL_CODECS)}")
+
+
+def encode_optional(state: dict, hessians: dict, bits: dict[str, int], clips: dict, *,
+                    codec: str, gptq: GPTQConfig) -> dict:
+    """Block matrices encoded by an optional codec at their allocated bits and clip."""
+    module = importlib.import_module(OPTIONAL_CODECS[codec])
+    out = {}
+    for name, b in bits.items():
+        if name.startswith("blocks."):
+            k = clips.get(name) or gptq.default_clip(b)
+            rep = module.encode(state[name], hessians[name], bits=b, clip_sigmas=k)
+            out[name] = Encoded(codec, tuple(state[name].shape), b, module.pack(rep))
+    return out
 
 
 def size_gate(artifact: Path, info: dict, code: dict, cfg: PackConfig) -> None:
@@ -66,16 +88,20 @@ def build_artifact(model: Path, hessians: Path, allocation: Path, out: Path, met
     """The artifact stage: quantize per the allocation, pack, count, gate, write the breakdown."""
     alloc = json.loads(Path(allocation).read_text())
     bits = {k: int(v) for k, v in alloc["bits"].items()}
-    tensors = quantize_state(load_file(str(model)), load_file(str(hessians)), bits, gptq,
-                             alloc.get("clip_sigmas"))
+    state, H, clips = load_file(str(model)), load_file(str(hessians)), alloc.get("clip_sigmas", {})
+    tensors = quantize_state(state, H, bits, gptq, clips)
+    extra = ()
+    if pack.matrix_codec != "gptq":
+        tensors.update(encode_optional(state, H, bits, clips, codec=pack.matrix_codec, gptq=gptq))
+        extra = (OPTIONAL_CODECS[pack.matrix_codec].replace(".", "/") + ".py",)
     header = read_header(model)
     info = write_artifact(out, tensors, {"model": json.loads(header["config"]),
                                          "looping": json.loads(header.get("looping", "false"))})
-    code = code_bytes(src)
+    code = code_bytes(src, extra)
     bound = sum(entropy_bound_bytes(t.codes.numpy().astype(np.int64) + qmax(t.bits))
                 for t in tensors.values() if isinstance(t, Quantized))
-    codes_bytes = sum(v["codes"] for v in info["breakdown"].values()
-                      if isinstance(v, dict) and "codes" in v)
+    codes_bytes = sum(info["breakdown"][n]["codes"] for n, t in tensors.items()
+                      if isinstance(t, Quantized))
     predicted = alloc.get("predicted") or {}
     summary = {"policy": alloc["policy"], "artifact_bytes": info["bytes"],
                "predicted_bytes": predicted.get("bytes"),

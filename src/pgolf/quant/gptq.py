@@ -13,6 +13,7 @@ its Hessian-weighted error tr(dW H dW^T) is no larger than round-to-nearest's wi
 scales; otherwise the RTN codes are returned (GPTQ is greedy, not provably better on every input).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -51,12 +52,9 @@ def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, clip_sigmas: float,
          block_size: int = 128, damp: float = 0.01,
          act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize W (rows x cols) against H (cols x cols); returns int8 codes and fp16 row scales."""
-    W, H = W.float().clone(), H.float().clone()
     assert H.shape == (W.size(1), W.size(1)), (W.shape, H.shape)
     scale = sdclip_scales(W, bits=bits, clip_sigmas=clip_sigmas)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W, H = prepare(W, H)
     rtn = round_to_nearest(W, scale, bits=bits)
     codes = _gptq_codes(W, H, scale.float(), bits=bits, block_size=block_size, damp=damp,
                         act_order=act_order)
@@ -66,25 +64,59 @@ def gptq(W: torch.Tensor, H: torch.Tensor, *, bits: int, clip_sigmas: float,
     return codes, scale
 
 
-def _gptq_codes(W, H, s, *, bits, block_size, damp, act_order) -> torch.Tensor:
-    q = qmax(bits)
+def prepare(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float copies with dead inputs handled: H_jj = 0 -> column j of W zeroed and H_jj = 1."""
+    W, H = W.float().clone(), H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H
+
+
+def upper_hinv(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Hinv: the upper Cholesky factor of (H + damp * mean(diag H) I)^-1."""
     H = H + damp * torch.diag(H).mean() * torch.eye(len(H), device=H.device)
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
-    if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
+Quantizer = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def obs_sweep(W: torch.Tensor, Hinv: torch.Tensor, quantize: Quantizer, *,
+              block_size: int) -> torch.Tensor:
+    """GPTQ's column sweep (lazy batch updates) with a pluggable quantizer; W is updated in place.
+
+    Columns are taken in W's order. `quantize(j, rest, d)` gets column j's position, the current
+    (error-compensated) columns j.. of its block and diag(Hinv) over them, and returns column j's
+    dequantized value; its error is spread over the later columns through Hinv row j. Returns
+    the dequantized columns, in W's order. Freeze-dry and 2:4 plug in their own quantizers.
+    """
     Q = torch.zeros_like(W)
     for i1 in range(0, W.size(1), block_size):
         i2 = min(i1 + block_size, W.size(1))
         W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
         Err1 = torch.zeros_like(W1)
         for j in range(i2 - i1):
-            w = W1[:, j]
-            Q[:, i1 + j] = torch.clamp(torch.round(w / s), -q, q)
-            err = (w - Q[:, i1 + j] * s) / Hinv1[j, j]
+            value = Q[:, i1 + j] = quantize(i1 + j, W1[:, j:], d[j:])
+            err = (W1[:, j] - value) / Hinv1[j, j]
             W1[:, j:] -= err[:, None] * Hinv1[j, j:][None, :]
             Err1[:, j] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return Q
+
+
+def _gptq_codes(W, H, s, *, bits, block_size, damp, act_order) -> torch.Tensor:
+    q = qmax(bits)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+
+    def nearest(j, rest, d):
+        return torch.clamp(torch.round(rest[:, 0] / s), -q, q) * s
+
+    # Values are codes times s exactly enough that dividing back and rounding recovers the codes.
+    Q = torch.round(obs_sweep(W, upper_hinv(H, damp), nearest, block_size=block_size) / s[:, None])
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     return Q.to(torch.int8)

@@ -28,20 +28,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pgolf.quant.codec import rans_pack
-from pgolf.quant.freezedry import (
+from pgolf.quant.blob import (
     check_inputs,
     check_shape,
     frame,
-    obs_sweep,
     pack_matrix,
-    prepare,
     unframe,
     unpack_matrix,
     unpack_symbols,
-    upper_hinv,
 )
-from pgolf.quant.gptq import qmax, round_to_nearest, sdclip_scales, weighted_error
+from pgolf.quant.codec import rans_pack
+from pgolf.quant.gptq import (
+    obs_sweep,
+    prepare,
+    qmax,
+    round_to_nearest,
+    sdclip_scales,
+    upper_hinv,
+    weighted_error,
+)
 
 MAGIC = b"PG24"
 VERSION = 1
