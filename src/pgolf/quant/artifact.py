@@ -35,10 +35,10 @@ from pgolf.quant.codec import (
     decode_tensors,
     decompress,
     encode_tensor,
+    qmax,
     shuffle_bytes,
     unshuffle_bytes,
 )
-from pgolf.quant.gptq import qmax
 
 OPTIONAL_CODECS = {"freezedry": "pgolf.quant.freezedry", "sparse24": "pgolf.quant.sparse24"}
 MAGIC = b"PGOLF\x00AR"

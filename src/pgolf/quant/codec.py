@@ -40,6 +40,13 @@ MANTISSAS = np.array([4096, 4871, 5793, 6889])  # round(4096 * 2^(j/4)), integer
 MAX_ROW_KINDS, MAX_COL_KINDS, MAX_CONTEXTS = 8, 16, 64
 
 
+def qmax(bits: int) -> int:
+    """Largest code of the symmetric `bits`-bit grid: codes live in [-qmax, qmax]."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits={bits}: quantization supports 2..8 bits")
+    return 2 ** (bits - 1) - 1
+
+
 def shuffle_bytes(data: bytes, stride: int) -> bytes:
     """Byte k of every stride-byte element together (the records' fp16 trick); tail kept as is."""
     n = len(data) // stride * stride

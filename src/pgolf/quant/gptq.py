@@ -18,13 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pgolf.quant.codec import qmax
+
 SCALE_EPS = 1e-10
-
-
-def qmax(bits: int) -> int:
-    if not 2 <= bits <= 8:
-        raise ValueError(f"bits={bits}: quantization supports 2..8 bits")
-    return 2 ** (bits - 1) - 1
 
 
 def sdclip_scales(W: torch.Tensor, *, bits: int, clip_sigmas: float) -> torch.Tensor:
