@@ -108,6 +108,7 @@ def test_full_run_writes_every_data_artifact(finished):
     assert rd["budget"]["bytes"] == packed["artifact_bytes"]
     assert rd["predicted"]["dbpb"] <= uniform["predicted"]["dbpb"]
     assert rd_packed["predicted_bytes"] == rd["predicted"]["bytes"]
+    assert rd_packed["artifact_bytes"] <= packed["artifact_bytes"]  # at uniform's bytes or fewer
     assert finished.planned() == {}
 
 
