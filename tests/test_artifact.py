@@ -12,6 +12,7 @@ import torch
 from pgolf.quant.artifact import (
     MAGIC,
     PREFIX,
+    VERSION,
     Quantized,
     decode_codes,
     encode_codes,
@@ -105,12 +106,20 @@ def rewritten(data: bytes, edit) -> bytes:
     body = edit(header, data[PREFIX.size + header_len:])
     header["crc32"] = zlib.crc32(body)
     packed = brotli.compress(json.dumps(header).encode())
-    return PREFIX.pack(MAGIC, 2, len(packed), zlib.crc32(packed)) + packed + body
+    return PREFIX.pack(MAGIC, VERSION, len(packed), zlib.crc32(packed)) + packed + body
 
 
 def flip_inside_first_section(header: dict, body: bytes) -> bytes:
     body = bytearray(body)
     body[len(body) // 8] ^= 0x5A
+    return bytes(body)
+
+
+def flip_inside_fp16_group(header: dict, body: bytes) -> bytes:
+    """Its bit header's length: the raw low bits inside carry no check of their own (the
+    sections' checksum covers them)."""
+    body = bytearray(body)
+    body[len(body) - header["lengths"][-1]] ^= 0x5A
     return bytes(body)
 
 
@@ -130,6 +139,7 @@ def malformed_tensor_list(header: dict, body: bytes) -> bytes:
     (lambda d: d + b"\x00", ["padded"]),
     (lambda d: d[:-40] + bytes(b ^ 0x5A for b in d[-40:]), ["checksum"]),
     (lambda d: rewritten(d, flip_inside_first_section), ["corrupt"]),
+    (lambda d: rewritten(d, flip_inside_fp16_group), ["corrupt"]),
     (lambda d: rewritten(d, malformed_tensor_list), ["header does not list"]),
 ])
 def test_corrupt_artifacts_are_refused(tmp_path, damage, words):
@@ -166,3 +176,20 @@ def test_optional_codec_tensors_round_trip(tmp_path, codec):
     plain, used = code_bytes(), code_bytes(extra=(f"pgolf/quant/{codec}.py",))
     assert f"pgolf/quant/{codec}.py" not in plain["files"]
     assert f"pgolf/quant/{codec}.py" in used["files"] and used["bytes"] > plain["bytes"]
+
+
+def test_passthrough_floats_of_any_shape_and_sign_round_trip(tmp_path):
+    torch.manual_seed(1)
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 65504.0, -6e-8, 1e-7, 1.0])
+    original = {"mix": torch.stack([1 + 0.1 * torch.randn(40), 0.1 * torch.randn(40)]),
+                "gain": torch.tensor(2.5), "cube": torch.randn(2, 3, 4), "empty": torch.zeros(0),
+                "special": special, "ones": torch.ones(300)}
+    info = write_artifact(tmp_path / "a.pgz", original, {})
+    loaded, _ = read_artifact(tmp_path / "a.pgz")
+    for name, t in original.items():
+        assert loaded[name].shape == t.shape
+        assert torch.equal(loaded[name], t.to(torch.float16).float()), name
+    nan = write_artifact(tmp_path / "n.pgz", {"nan": torch.tensor([float("nan"), 1.0])}, {})
+    assert nan["bytes"] and torch.isnan(read_artifact(tmp_path / "n.pgz")[0]["nan"][0])
+    # 300 ones cost a few bytes: no low bits are kept where a table covers every value
+    assert info["breakdown"]["fp16 group"]["bytes"] < 2 * (80 + 24 + 1 + 8 + 1 + 300 // 8)

@@ -10,11 +10,15 @@ from pgolf.quant.codec import (
     BitWriter,
     compress_best,
     count_levels,
+    decode_floats,
     decode_tensor,
     decode_tensors,
     decompress,
+    encode_floats,
     encode_tensor,
     entropy_bound_bytes,
+    float_keys,
+    float_patterns,
     level_freqs,
     rans_pack,
     rans_unpack,
@@ -242,3 +246,51 @@ def test_tensors_decoded_together_match_each_alone(monkeypatch):
     for (codes, scales), (back, patterns) in zip(tensors, decode_tensors(sections), strict=True):
         assert np.array_equal(back, codes)
         assert (patterns is None) if scales is None else np.array_equal(patterns, scales)
+
+
+def test_float_keys_are_a_bijection_in_value_order():
+    patterns = np.arange(1 << 16)
+    keys = float_keys(patterns)
+    assert np.array_equal(np.sort(keys), patterns)
+    assert np.array_equal(float_patterns(keys), patterns)
+    values = patterns.astype(np.uint16).view(np.float16).astype(np.float64)
+    finite = np.isfinite(values) & (patterns != 0x8000)  # -0 and +0 are equal values
+    order = np.argsort(keys[finite])
+    assert (np.diff(values[finite][order]) > 0).all()
+
+
+def float_round_trip(tensors):
+    blob = encode_floats(tensors)
+    back = decode_floats(blob, [t.shape for t in tensors])
+    for t, b in zip(tensors, back, strict=True):
+        assert np.array_equal(b, t.ravel()), t.shape
+    return blob
+
+
+def test_floats_round_trip_on_edge_cases():
+    rng = np.random.default_rng(0)
+    every = np.arange(1 << 16).reshape(2, -1)  # NaNs, infinities, both zeros, subnormals
+    mixed = rng.standard_normal((3, 50)).astype(np.float16).view(np.uint16)
+    ones = np.full((1, 500), np.float16(1.0).view(np.uint16))
+    blob = float_round_trip([every, np.zeros((1, 0), np.int64), mixed, ones,
+                             np.zeros((0, 4), np.int64), mixed[:1, :1]])
+    assert len(float_round_trip([ones])) < 16  # a constant keeps no low bits
+    assert len(blob) < 2 * (1 << 16) + 200
+    with pytest.raises(ValueError, match="truncated|corrupt"):
+        decode_floats(blob[:len(blob) // 2], [every.shape])
+    apart = np.stack([1 + 0.1 * rng.standard_normal(64), 0.02 * rng.standard_normal(64)])
+    blob = float_round_trip([apart.astype(np.float16).view(np.uint16)])
+    with pytest.raises(ValueError, match="rows coded apart"):  # read as a 9-row tensor's flag
+        decode_floats(blob, [(9, 64)])
+
+
+def test_floats_beat_shuffled_compression_and_rows_of_unequal_range_get_tables():
+    rng = np.random.default_rng(1)
+    mix = np.stack([1 + 0.1 * rng.standard_normal(256), 0.02 * rng.standard_normal(256)])
+    gains = np.abs(1 + 0.2 * rng.standard_normal((4, 128)))
+    tensors = [a.astype(np.float16).view(np.uint16) for a in (mix, gains)]
+    blob = float_round_trip(tensors)
+    raw = b"".join(t.tobytes() for t in tensors)
+    assert len(blob) < 0.95 * len(compress_best(shuffle_bytes(raw, 2))[1])
+    one_table = len(float_round_trip([tensors[0].reshape(1, -1)]))
+    assert len(float_round_trip([tensors[0]])) < one_table - 20

@@ -1,18 +1,19 @@
 """The packed artifact: a versioned container of quantized and passthrough tensors, never pickled.
 
-Layout (version 2): MAGIC (8 bytes) | version u16 | header length u32 | header crc32 u32 |
+Layout (version 3): MAGIC (8 bytes) | version u16 | header length u32 | header crc32 u32 |
 header: brotli-compressed UTF-8 JSON {"tensors": [[name, shape, bits or null], ...],
-"lengths": [section bytes, ...], "fp16": compressor of the fp16 group or null, "crc32": of all
+"lengths": [section bytes, ...], "fp16": "rans" (the fp16 group's coding) or null, "crc32": of all
 sections, "meta": the caller's} | sections, back to back: one per quantized tensor, in the order
 of "tensors", then the fp16 group.
 A quantized tensor (int codes in [-qmax, qmax], one fp16 scale per row) is coded alone by
 codec.encode_tensor: context-modelled rANS over codes and scales (row references, row and column
 classes, chosen per tensor by size), so quantized_bytes() is exactly its section's size and the
 file is the sum of those, the fp16 group and the header. Passthrough float tensors go to one
-fp16 group (stride-2 byte shuffle + the best general compressor). A tensor stored by an optional
-codec (pack.matrix_codec: freezedry or sparse24) is listed as [name, shape, bits, codec] and its
-section is that module's self-describing blob; the module is imported only to read such a tensor,
-so an artifact without one needs none of its code (and counts none of it as code bytes).
+fp16 group (codec.encode_floats: one rANS stream, a table of high bits per tensor or per row, low
+bits as is). A tensor stored by an optional codec (pack.matrix_codec: freezedry or sparse24) is
+listed as [name, shape, bits, codec] and its section is that module's self-describing blob; the
+module is imported only to read such a tensor, so an artifact without one needs none of its code
+(and counts none of it as code bytes).
 Reading checks magic, version, header length and checksum, section lengths and checksum before
 decoding anything; damage raises ValueError naming the file.
 """
@@ -30,19 +31,18 @@ import torch
 
 from pgolf.io import write_bytes
 from pgolf.quant.codec import (
-    compress_best,
+    decode_floats,
     decode_tensor,
     decode_tensors,
     decompress,
+    encode_floats,
     encode_tensor,
     qmax,
-    shuffle_bytes,
-    unshuffle_bytes,
 )
 
 OPTIONAL_CODECS = {"freezedry": "pgolf.quant.freezedry", "sparse24": "pgolf.quant.sparse24"}
 MAGIC = b"PGOLF\x00AR"
-VERSION = 2
+VERSION = 3
 PREFIX = struct.Struct("<8sHII")
 
 
@@ -131,8 +131,9 @@ def pack_artifact(tensors: dict[str, Quantized | torch.Tensor], meta: dict) -> t
     passthrough = [(n, t) for n, t in tensors.items() if not isinstance(t, Quantized | Encoded)]
     fp16_codec = None
     if passthrough:
-        raw = b"".join(t.detach().to(torch.float16).numpy().tobytes() for _, t in passthrough)
-        fp16_codec, blob = compress_best(shuffle_bytes(raw, 2))
+        fp16_codec, blob = "rans", encode_floats([
+            t.detach().to(torch.float16).numpy().view(np.uint16).reshape(_rows(t.shape))
+            for _, t in passthrough])
         entries += [[n, list(t.shape), None] for n, t in passthrough]
         payload.append(blob)
         breakdown["fp16 group"] = {"bytes": len(blob), "tensors": len(passthrough),
@@ -172,7 +173,7 @@ def _header(path: Path, data: bytes) -> tuple[dict, int]:
         raise ValueError(f"artifact {path}: corrupt header ({err})") from None
     if not _well_formed(header):
         raise ValueError(f"artifact {path}: header does not list tensors, lengths, fp16, crc32 "
-                         "and meta as version 2 does")
+                         "and meta as version 3 does")
     return header, start
 
 
@@ -222,18 +223,17 @@ def _decode_quantized(entries: list, blobs: list[bytes]) -> dict[str, Quantized]
     return out
 
 
+def _rows(shape) -> tuple[int, int]:
+    """(rows, cols) a passthrough tensor is coded as: a vector is one row."""
+    return _grid(shape) if len(shape) > 1 else (1, int(np.prod(shape, dtype=np.int64)))
+
+
 def _decode_fp16(members: list, blob: bytes, codec: str) -> dict[str, torch.Tensor]:
-    raw = np.frombuffer(unshuffle_bytes(decompress(codec, blob), 2), dtype=np.float16)
-    out, offset = {}, 0
-    for name, shape, _ in members:
-        n = int(np.prod(shape, dtype=np.int64))
-        if offset + n > raw.size:
-            raise ValueError(f"fp16 group ends inside {name}")
-        out[name] = torch.from_numpy(raw[offset:offset + n].reshape(shape).copy()).float()
-        offset += n
-    if offset != raw.size:
-        raise ValueError(f"fp16 group has {raw.size - offset} values left over")
-    return out
+    if codec != "rans":
+        raise ValueError(f"fp16 group coded as {codec!r}, not rans")
+    values = decode_floats(blob, [_rows(shape) for _, shape, _ in members])
+    return {name: torch.from_numpy(v.astype(np.uint16).view(np.float16).reshape(shape)).float()
+            for (name, shape, _), v in zip(members, values, strict=True)}
 
 
 def _decode_optional(entry: list, blob: bytes) -> torch.Tensor:

@@ -12,6 +12,8 @@ The model is chosen per tensor by its estimated size, so each part only appears 
   very different spread get tables of their own;
 - scales: each fp16 scale's high bits go through rANS with their own table, its low bits (close
   to uniform) ride in the lanes' initial states (see rans_encode) or the bit header.
+Passthrough fp16 tensors (encode_floats) are one stream coded like scales: a table of high bits
+per tensor, or per row where rows differ; values as float_keys, so both signs share one table.
 Tables hold levels in quarter-bit steps of log2 frequency, coded as first or second differences
 with Exp-Golomb codes; frequencies are rebuilt from levels with integer arithmetic only, so every
 machine decodes the same tables. rans_pack/rans_unpack code a plain symbol stream the same way.
@@ -667,23 +669,111 @@ def choose_plan(v: np.ndarray) -> Plan:
     return best
 
 
+def float_keys(patterns) -> np.ndarray:
+    """fp16 bit patterns as keys in the order of their values (sign-magnitude to offset
+    binary), so that close values of either sign get close keys and one histogram covers both."""
+    p = np.asarray(patterns, dtype=np.int64)
+    return np.where(p & 0x8000, 0xFFFF - p, p | 0x8000)
+
+
+def float_patterns(keys) -> np.ndarray:
+    k = np.asarray(keys, dtype=np.int64)
+    return np.where(k & 0x8000, k & 0x7FFF, 0xFFFF - k)
+
+
 class ScalePlan:
-    """fp16 scales as uint16 patterns: high bits through rANS with one table, low bits as is."""
+    """fp16 values (scales, passthrough floats) as float_keys: high bits through rANS with one
+    table, the low `shift` bits (close to uniform: fp16's low mantissa bits are noise) as is."""
 
     def __init__(self, patterns: np.ndarray):
-        best = None
-        for shift in range(2, 16):  # from 2: the high part's alphabet stays within TOTAL
-            high = patterns >> shift
+        keys, best = float_keys(patterns), None
+        for shift in range(16):
+            high = keys >> shift
             base = int(high.min()) if len(high) else 0
+            if len(high) and high.max() - base >= TOTAL:  # the alphabet must fit one table
+                continue
             counts = np.bincount(high - base, minlength=1)[None]
             levels = count_levels(counts)
             bits = data_bits(counts, level_freqs(levels)) + table_bits(levels)
-            bits += 21 + shift * (len(patterns) - 1)  # flag, shift, base, low bits
+            bits += 20 + shift * (len(keys) - 1)  # shift, base, low bits
             if best is None or bits < best[0]:
                 best = (bits, shift, base, levels)
         self.bits, self.shift, self.base, self.levels = best
-        self.symbols = (patterns >> self.shift) - self.base
-        self.low = to_bits(patterns & ((1 << self.shift) - 1), self.shift)
+        self.symbols = (keys >> self.shift) - self.base
+        self.low = to_bits(keys & ((1 << self.shift) - 1), self.shift)
+
+    def write(self, w: BitWriter) -> None:
+        w.fixed([self.shift], 4)
+        w.fixed([self.base], 16 - self.shift)
+
+    @staticmethod
+    def read(r: BitReader) -> tuple[int, int]:
+        shift = int(r.fixed(1, 4)[0])
+        return shift, int(r.fixed(1, 16 - shift)[0])
+
+
+def scale_patterns(symbols: np.ndarray, shift: int, base: int, low: str) -> np.ndarray:
+    """ScalePlan's inverse: fp16 bit patterns from high parts and the low bits' text."""
+    keys = ((symbols + base) << shift) | from_bits(low, len(symbols), shift)
+    if len(keys) and keys.max() > 0xFFFF:
+        raise ValueError("code section is corrupt (an fp16 value out of range)")
+    return float_patterns(keys)
+
+
+def _finish(w: BitWriter, levels: np.ndarray, ids: np.ndarray, symbols: np.ndarray,
+            low: str) -> bytes:
+    """A stream whose raw bits `low` ride in the lanes' initial states as far as they go, the
+    rest at the end of the bit header (where the decoder knows how many symbols there are)."""
+    carried = carried_bits(choose_lanes(len(symbols)), len(low))
+    w.parts.append(low[carried:])
+    return _assemble(w, levels, ids, symbols, low[:carried])
+
+
+def encode_floats(tensors: list[np.ndarray]) -> bytes:
+    """One rANS stream of fp16 tensors, each given as 2-D uint16 bit patterns: a tensor's
+    values go through one ScalePlan, or, for tensors of at most MAX_ROW_KINDS rows where that
+    is smaller, one per row (rows such as a residual mix's two weights differ in range)."""
+    splits, plans = [], []
+    for t in tensors:
+        whole = ScalePlan(t.ravel())
+        rows = [ScalePlan(row) for row in t] if 1 < len(t) <= MAX_ROW_KINDS else []
+        split = bool(rows) and sum(p.bits for p in rows) < whole.bits
+        splits.append(split)
+        plans += rows if split else [whole]
+    w = BitWriter()
+    w.fixed(splits, 1)
+    for p in plans:
+        p.write(w)
+    ids = np.repeat(np.arange(len(plans)), [len(p.symbols) for p in plans])
+    symbols = np.concatenate([p.symbols for p in plans] + [np.zeros(0, np.int64)])
+    levels = _pad_levels(*[p.levels for p in plans]) if plans else np.zeros((0, 1), np.int64)
+    return _finish(w, levels, ids, symbols, "".join(p.low for p in plans))
+
+
+def decode_floats(blob: bytes, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """encode_floats' inverse: uint16 bit patterns of each (rows, cols) tensor, flattened."""
+    r, offset = _open(blob)
+    sizes = []
+    for (rows, cols), split in zip(shapes, r.fixed(len(shapes), 1), strict=True):
+        if split and not 1 < rows <= MAX_ROW_KINDS:
+            raise ValueError("fp16 section is corrupt (rows coded apart in a tensor of "
+                             f"{rows} rows)")
+        sizes += [cols] * rows if split else [rows * cols]
+    fields = [ScalePlan.read(r) for _ in sizes]
+    low_bits = [shift * n for (shift, _), n in zip(fields, sizes, strict=True)]
+    carried = carried_bits(choose_lanes(sum(sizes)), sum(low_bits))
+    tail = r.take(sum(low_bits) - carried)
+    freqs = level_freqs(read_tables(r, len(sizes)))
+    ids = np.repeat(np.arange(len(sizes)), sizes)
+    symbols, head = decode_streams([_stream(blob, offset, ids, freqs, carried)])[0]
+    ends, low = np.cumsum(sizes, dtype=np.int64), head + tail
+    low_ends = np.cumsum(low_bits, dtype=np.int64)
+    values = np.concatenate([np.zeros(0, np.int64)] + [
+        scale_patterns(symbols[end - n:end], shift, base, low[low_end - bits:low_end])
+        for (shift, base), n, end, bits, low_end in zip(fields, sizes, ends, low_bits, low_ends,
+                                                         strict=True)])
+    # groups follow each other in the tensors' order, rows within a tensor in order
+    return np.split(values, np.cumsum([rows * cols for rows, cols in shapes])[:-1])
 
 
 def _pad_levels(*tables: np.ndarray) -> np.ndarray:
@@ -709,17 +799,14 @@ def encode_tensor(codes: np.ndarray, scales: np.ndarray | None = None) -> tuple[
     w.fixed([scales is not None], 1)
     if scales is not None:
         scale = ScalePlan(scales.astype(np.int64))
-        w.fixed([scale.shift], 4)
-        w.fixed([scale.base], 16 - scale.shift)
+        scale.write(w)
         ids = np.concatenate([np.full(len(scales), len(levels)), ids])
         levels = _pad_levels(levels, scale.levels)
         symbols = np.concatenate([scale.symbols, symbols])
         low, scale_bits = scale.low, scale.bits
     w.golomb(zigzag([plan.vmin]), 2)
     plan.contexts.write(w)
-    carried = carried_bits(choose_lanes(len(symbols)), len(low))
-    w.parts.append(low[carried:])
-    blob = _assemble(w, levels, ids, symbols, low[:carried])
+    blob = _finish(w, levels, ids, symbols, low)
     return plan.name(), blob, min(len(blob), round(scale_bits / 8))
 
 
@@ -728,8 +815,7 @@ def _open_tensor(blob: bytes, rows: int, cols: int) -> tuple[Stream, Callable]:
     patterns)."""
     r, offset = _open(blob)
     has_scales = bool(r.fixed(1, 1)[0])
-    shift = int(r.fixed(1, 4)[0]) if has_scales else 0
-    base = int(r.fixed(1, 16 - shift)[0]) if has_scales else 0
+    shift, base = ScalePlan.read(r) if has_scales else (0, 0)
     vmin = int(r.golomb(1, 2)[0])
     contexts = Contexts.read(r, rows, cols)
     tables, flagged = contexts.tables, np.nonzero(contexts.refs >= 0)[0]
@@ -742,7 +828,7 @@ def _open_tensor(blob: bytes, rows: int, cols: int) -> tuple[Stream, Callable]:
     def finish(symbols: np.ndarray, head: str) -> tuple[np.ndarray, np.ndarray | None]:
         patterns = None
         if has_scales:
-            patterns = ((symbols[:rows] + base) << shift) | from_bits(head + tail, rows, shift)
+            patterns = scale_patterns(symbols[:rows], shift, base, head + tail)
             symbols = symbols[rows:]
         weights, codes = symbols[:len(flagged)] - WEIGHT_MAX, symbols[len(flagged):]
         codes = codes.reshape(rows, cols) + ((vmin >> 1) ^ -(vmin & 1))
