@@ -1,0 +1,56 @@
+"""Seed statistics: paired t with df = n - 1, exact p and t intervals, checked against scipy."""
+
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from pgolf.eval.stats import incomplete_beta, paired, spread, t_quantile, t_sf2
+
+
+def test_the_1818_gaps_give_t_221_not_131():
+    # #1818's per-seed post-quantization gaps: its README divided the mean by the SD (t = 131)
+    gaps = [2.37415, 2.34001, 2.36922]
+    result = paired(gaps, [0.0, 0.0, 0.0])
+    assert result["n"] == 3 and result["df"] == 2
+    assert result["t"] == pytest.approx(221.6, abs=0.1)
+    assert result["mean"] / result["sd"] == pytest.approx(127.9, abs=0.1)  # the seed's mistake
+    assert result["se"] == pytest.approx(result["sd"] / math.sqrt(3))
+    assert result["p"] == pytest.approx(scipy_stats.ttest_1samp(gaps, 0).pvalue, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_paired_matches_scipy(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 12))
+    a = rng.normal(0, 1, n)
+    b = a - rng.normal(rng.normal(0, 0.5), rng.uniform(0.01, 2), n)
+    ours = paired(a, b)
+    ref = scipy_stats.ttest_rel(a, b)
+    assert ours["t"] == pytest.approx(ref.statistic, rel=1e-12)
+    assert ours["p"] == pytest.approx(ref.pvalue, rel=1e-8, abs=1e-300)
+    low, high = ref.confidence_interval(0.95)
+    assert ours["ci95"] == pytest.approx([low, high], rel=1e-8)
+    assert ours["sd"] == pytest.approx(np.std(a - b, ddof=1))
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 7.5, 30, 400])
+def test_distribution_functions_match_scipy(df):
+    for t in (0.0, 0.3, 1.0, 2.5, 8.0, 60.0):
+        assert t_sf2(t, df) == pytest.approx(2 * scipy_stats.t.sf(t, df), rel=1e-9, abs=1e-300)
+    for q in (0.6, 0.9, 0.975, 0.999):
+        assert t_quantile(q, df) == pytest.approx(scipy_stats.t.ppf(q, df), rel=1e-9)
+    for x in (1e-6, 0.2, 0.5, 0.93):
+        assert incomplete_beta(x, df / 2, 0.5) == pytest.approx(
+            scipy_stats.beta.cdf(x, df / 2, 0.5), rel=1e-9)
+
+
+def test_edge_cases():
+    with pytest.raises(ValueError, match="at least 2 paired values"):
+        paired([1.0], [0.0])
+    constant = paired([1.0, 1.0, 1.0], [0.5, 0.5, 0.5])
+    assert constant["t"] == math.inf and constant["p"] == 0.0
+    assert math.isnan(paired([1.0, 1.0], [1.0, 1.0])["t"])
+    assert spread([1.0, 2.0, 3.0]) == {"n": 3, "mean": 2.0, "sd": 1.0}
+    assert math.isnan(spread([1.0])["sd"])
