@@ -55,6 +55,8 @@ MATRICES = model_matrices()
 SEEDS = config["seeds"]
 SRC = Path(workflow.basedir) / "src"
 SCRIPTS = Path(workflow.basedir) / "workflow_scripts"
+# The decoder/evaluator sources: they set the code bytes the allocation and the size gate count.
+DECODER = [f"src/{entry}" for entry in DECODER_ENTRY]
 
 
 def data(name):
@@ -138,6 +140,14 @@ def shards_inputs(wildcards):
         "docs": data("docs.jsonl"),
         "corpus": data("docs.json"),
     }
+
+
+def artifact_code():
+    """The artifact stage's code, with the optional codec it packs with (imported by name, so
+    the import closure cannot see it)."""
+    codec = config["pack"]["matrix_codec"]
+    extra = [] if codec == "gptq" else [f"src/pgolf/quant/{codec}.py"]
+    return stage_code("artifact.py", *DECODER, *extra)
 
 
 def sweep_params(*keys):

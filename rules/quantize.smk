@@ -14,7 +14,7 @@ rule allocate:
         "../envs/pgolf.yaml"
     params:
         allocate=allocate_params,
-        code=stage_code("allocate.py", *(f"src/{e}" for e in DECODER_ENTRY)),
+        code=stage_code("allocate.py", *DECODER),
     script:
         "../workflow_scripts/allocate.py"
 
@@ -37,7 +37,6 @@ rule artifact:
     params:
         gptq=config["gptq"],
         pack=config["pack"],
-        # code bytes are counted from the decoder/evaluator sources: they are code of this stage
-        code=stage_code("artifact.py", *(f"src/{e}" for e in DECODER_ENTRY)),
+        code=artifact_code(),
     script:
         "../workflow_scripts/artifact.py"
