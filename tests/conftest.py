@@ -1,11 +1,13 @@
 """Shared fixtures: real text from the bundled corpus, a tiny real tokenizer, workflow runs."""
 
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -87,3 +89,21 @@ def make_workflow(root: Path) -> Workflow:
 @pytest.fixture
 def workflow(tmp_path) -> Workflow:
     return make_workflow(tmp_path)
+
+
+def check_refuses_damage(blob: bytes, unpack) -> None:
+    """An optional codec's blob: truncation, a wrong magic and trailing bytes raise ValueError;
+    a flipped byte gives a clear ValueError or a valid representation, never another error."""
+    for cut in (0, 3, 10, 20, len(blob) // 2, len(blob) - 1):
+        with pytest.raises(ValueError):
+            unpack(blob[:cut])
+    with pytest.raises(ValueError, match="magic"):
+        unpack(b"XXXX" + blob[4:])
+    with pytest.raises(ValueError, match="unexpected bytes"):
+        unpack(blob + b"\0")
+    rng = np.random.default_rng(0)
+    for pos in rng.integers(0, len(blob), 40).tolist():
+        bad = bytearray(blob)
+        bad[pos] ^= 0x5A
+        with contextlib.suppress(ValueError):
+            unpack(bytes(bad))
