@@ -19,7 +19,6 @@ are wall-clock on 2 threads: noisy on a shared machine.
 """
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -30,7 +29,14 @@ from pgolf.model.checkpoint import load_model
 from pgolf.quant import freezedry, sparse24
 from pgolf.quant.artifact import quantized_bytes
 from pgolf.quant.gptq import GPTQConfig, dequantize, sdclip_scales
-from pgolf.quant.sweep import damage, load_subset, prefix_cache, swapped, window_nlls
+from pgolf.quant.sweep import (
+    damage,
+    load_subset,
+    mean_and_se,
+    prefix_cache,
+    swapped,
+    window_nlls,
+)
 
 BITS = 6
 CODECS = ["gptq6", "fd", "fd-forced", "2:4", "2:4-naive", "gptq5", "gptq4"]
@@ -124,7 +130,8 @@ def damage_all(model, results: dict, names: list[str], subset) -> dict:
 
 
 def mean_se(diff: torch.Tensor) -> tuple[float, float]:
-    return float(diff.mean()), float(diff.std(unbiased=True) / math.sqrt(len(diff)))
+    summary = mean_and_se(diff)
+    return summary["dbpb"], summary["noise_se"]
 
 
 def print_summary(results: dict, diffs: dict, names: list[str]) -> None:

@@ -89,11 +89,14 @@ def build_artifact(model: Path, hessians: Path, allocation: Path, out: Path, met
     alloc = json.loads(Path(allocation).read_text())
     bits = {k: int(v) for k, v in alloc["bits"].items()}
     state, H, clips = load_file(str(model)), load_file(str(hessians)), alloc.get("clip_sigmas", {})
-    tensors = quantize_state(state, H, bits, gptq, clips)
-    extra = ()
+    extra, optional = (), {}
     if pack.matrix_codec != "gptq":
-        tensors.update(encode_optional(state, H, bits, clips, codec=pack.matrix_codec, gptq=gptq))
+        optional = encode_optional(state, H, bits, clips, codec=pack.matrix_codec, gptq=gptq)
         extra = (OPTIONAL_CODECS[pack.matrix_codec].replace(".", "/") + ".py",)
+    # GPTQ only what the optional codec did not take; the table keeps the checkpoint's order
+    plain = quantize_state(state, H, {n: b for n, b in bits.items() if n not in optional},
+                           gptq, clips)
+    tensors = {n: optional.get(n, plain.get(n)) for n in state}
     header = read_header(model)
     info = write_artifact(out, tensors, {"model": json.loads(header["config"]),
                                          "looping": json.loads(header.get("looping", "false"))})

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from pgolf.data.bytecount import ByteLUT, load_tokenizer, target_bytes
 from pgolf.data.scores import read_metadata, write_table
@@ -104,11 +104,15 @@ def swapped(model: GPT, weights: dict[str, torch.Tensor]):
             params[name].copy_(w)
 
 
+def mean_and_se(diff: torch.Tensor) -> dict:
+    """The mean of paired per-window differences and its standard error (the noise floor)."""
+    return {"dbpb": float(diff.mean()), "noise_se": float(diff.std() / math.sqrt(len(diff)))}
+
+
 def damage(nll: torch.Tensor, base: torch.Tensor, num_bytes: int) -> dict:
     """dBPB of per-window NLLs against the baseline, and the SE of the paired differences."""
     diff = (nll - base) / math.log(2) / num_bytes * len(base)  # mean(diff) is dBPB
-    return {"dbpb": float(diff.mean()), "noise_se": float(diff.std() / math.sqrt(len(diff))),
-            "per_window": diff}
+    return {**mean_and_se(diff), "per_window": diff}
 
 
 def sweep_matrix(model: GPT, name: str, H: torch.Tensor, subset: Subset, base: torch.Tensor, *,
@@ -249,19 +253,28 @@ def read_baseline(path, subset: Subset) -> torch.Tensor:
     return torch.from_numpy(pq.read_table(path)["nll_nats"].to_numpy())
 
 
+def load_hessians(path, names=None) -> dict[str, torch.Tensor]:
+    """The Hessians of `names` (all when None): a sweep job reads only its own matrix's."""
+    with safe_open(str(path), framework="pt") as f:
+        stored = set(f.keys())
+        return {n: f.get_tensor(n) for n in (stored if names is None else names) if n in stored}
+
+
 def load_sweep_inputs(model_path, hessians_path, shard_dir, tokenizer, baseline, *,
-                      cfg: SweepConfig, seq_len: int):
+                      cfg: SweepConfig, seq_len: int, names=None):
     model = load_model(model_path).eval()
     subset = load_subset(shard_dir, tokenizer, model.cfg.vocab_size, windows=cfg.windows,
                          seq_len=seq_len, batch_seqs=cfg.batch_seqs)
-    return model, load_file(str(hessians_path)), subset, read_baseline(baseline, subset)
+    return (model, load_hessians(hessians_path, names), subset,
+            read_baseline(baseline, subset))
 
 
 def build_sweep(model_path, hessians_path, shard_dir, tokenizer, baseline, matrix: str, out, *,
                 cfg: SweepConfig, gptq: GPTQConfig, seq_len: int, provenance=None) -> list[dict]:
     """The sweep stage for one matrix: rows per bit width, parquet with the definition."""
     model, hessians, subset, base = load_sweep_inputs(
-        model_path, hessians_path, shard_dir, tokenizer, baseline, cfg=cfg, seq_len=seq_len)
+        model_path, hessians_path, shard_dir, tokenizer, baseline, cfg=cfg, seq_len=seq_len,
+        names=[matrix])
     if matrix not in hessians:
         raise ValueError(f"{hessians_path}: no Hessian for {matrix}")
     rows = sweep_matrix(model, matrix, hessians[matrix], subset, base, cfg=cfg, gptq=gptq)
