@@ -24,6 +24,7 @@ include: "rules/train.smk"
 include: "rules/hessians.smk"
 include: "rules/quantize.smk"
 include: "rules/sweep.smk"
+include: "rules/eval.smk"
 
 
 rule all:

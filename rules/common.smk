@@ -37,6 +37,23 @@ def check_config():
             )
 
 
+def check_eval():
+    """Eval settings against the window length they apply to (seq_len defaults to train's)."""
+    where = ", ".join(map(str, workflow.configfiles))
+    section = config["eval"]
+    seq_len = section["seq_len"] or config["train"]["seq_len"]
+    limits = {
+        "eval.stride": (section["stride"], "at most"),
+        "eval.max_tokens": (section["max_tokens"] or seq_len, "at least"),
+        "ttt.chunk_tokens": (config["ttt"]["chunk_tokens"], "at least"),
+    }
+    for key, (value, bound) in limits.items():
+        if (value > seq_len) if bound == "at most" else (value < seq_len):
+            raise WorkflowError(
+                f"{where}: {key} = {value} must be {bound} the eval seq_len ({seq_len})"
+            )
+
+
 def model_matrices():
     """Checkpoint names of the quantizable matrices: the sweep fans out on them (no weights)."""
     try:
@@ -49,8 +66,10 @@ def model_matrices():
 
 
 check_config()
+check_eval()
 
 RUN = config["run"]
+POLICIES = config["allocate"]["policies"]
 MATRICES = model_matrices()
 SEEDS = config["seeds"]
 SRC = Path(workflow.basedir) / "src"
@@ -101,7 +120,7 @@ def final_targets():
     artifacts = expand(
         seed_path("artifact/{policy}.json"),
         seed=SEEDS,
-        policy=config["allocate"]["policies"],
+        policy=POLICIES,
     )
     sensitivity = expand(seed_path("sensitivity.parquet"), seed=SEEDS)
     return [
@@ -109,7 +128,70 @@ def final_targets():
         data("curriculum.png"),
         *artifacts,
         *sensitivity,
+        f"results/{RUN}/seeds.json",
+        f"results/{RUN}/seeds.md",
     ]
+
+
+def eval_results():
+    """Every configured mode's result for every seed and policy."""
+    return expand(
+        seed_path("eval/{policy}/{mode}.json"),
+        seed=SEEDS,
+        policy=POLICIES,
+        mode=config["eval"]["modes"],
+    )
+
+
+def eval_spec(mode):
+    """The config slices one eval mode reads, as JSON: a change elsewhere must not rerun it."""
+    section = config["eval"]
+    keys = ["batch_seqs", "max_tokens", "device", "nproc", "autocast", "compile"]
+    spec = {"eval": {key: section[key] for key in keys}}
+    spec["eval"]["seq_len"] = section["seq_len"] or config["train"]["seq_len"]
+    if mode in ("sliding", "ttt"):
+        spec["eval"]["stride"] = section["stride"]
+    if mode == "roundtrip":
+        spec["guard"] = section["guard"]
+    if mode == "sliding":  # its per-chunk sums are on TTT's chunks
+        spec["ttt"] = {"chunk_tokens": config["ttt"]["chunk_tokens"]}
+    if mode == "ttt":
+        spec["ttt"] = config["ttt"]
+    return json.dumps(spec, sort_keys=True)
+
+
+def eval_launcher():
+    """One process runs plainly; several run under torchrun (gloo on CPU, NCCL on GPUs)."""
+    nproc = config["eval"]["nproc"]
+    if nproc == 1:
+        return "python"
+    return f"torchrun --standalone --nproc_per_node={nproc}"
+
+
+def eval_gpus():
+    return config["eval"]["nproc"] if config["eval"]["device"] != "cpu" else 0
+
+
+def eval_inputs(wildcards):
+    """roundtrip reads the float checkpoint (the guard's report) and prequant's result; sliding
+    and ttt wait for roundtrip, so a guarded artifact costs no further evaluation."""
+    inputs = {
+        "artifact": seed_path("artifact/{policy}.pgz"),
+        "shards": data("shards"),
+        "tokenizer": data("tokenizer.model"),
+    }
+    if wildcards.mode == "roundtrip":
+        inputs["model"] = seed_path("model.safetensors")
+        inputs["prequant"] = seed_path("eval/{policy}/prequant.json")
+    else:
+        inputs["gate"] = seed_path("eval/{policy}/roundtrip.json")
+    return {name: path.format(**wildcards) for name, path in inputs.items()}
+
+
+def eval_args(wildcards, input):
+    """The CLI's input flags, from the named inputs it reads."""
+    names = ("model", "artifact", "prequant")
+    return " ".join(f"--{name} {input[name]}" for name in names if name in input.keys())
 
 
 # Input functions: what a stage reads depends on the configured source.

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -58,7 +59,10 @@ class Workflow:
         configs = [config] if isinstance(config, str) else list(map(str, config))
         # --configfile takes several values, so targets and flags must come before it.
         cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args, "--configfile", *configs]
-        result = subprocess.run(cmd, cwd=self.root, capture_output=True, text=True)
+        # shell rules launch `python` and `torchrun`: the ones beside this interpreter
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        result = subprocess.run(cmd, cwd=self.root, capture_output=True, text=True,
+                                env={**os.environ, "PATH": path})
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
         return result

@@ -16,9 +16,10 @@ from pgolf.quant.artifact import read_artifact
 
 pytestmark = pytest.mark.slow
 DATA = "results/tiny/data"
+EVALS = {"eval", "seeds", "all"}
 QUANTIZERS = {"sweep_baseline", "sweep", "block_groups", "sensitivity", "allocate", "artifact",
-              "all"}
-AFTER_TRAIN = {"train", "hessians", *QUANTIZERS}
+              *EVALS}
+AFTER_TRAIN = {"train", "hessians", "eval_prequant", *QUANTIZERS}
 DATA_RULES = {"tokenizer", "shards", "window_scores", "curriculum", *AFTER_TRAIN}
 TINY_MODEL = {"num_layers": 2, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1,
               "loop_start": 0, "loop_end": 0, "num_loops": 1, "rope_train_seq_len": 64}
@@ -38,6 +39,8 @@ def tiny_config(docs, **overrides):
         "hessian": {"batches": 2, "batch_seqs": 4},
         "sweep": {"bits": [4, 6, 8], "windows": 8, "batch_seqs": 8, "bootstrap": 100},
         "allocate": {"policies": ["uniform", "rd"], "rd": {"budget": "policy:uniform"}},
+        "eval": {"max_tokens": 2048, "stride": 16, "batch_seqs": 16},
+        "ttt": {"chunk_tokens": 512, "epochs": 1, "lr": 0.01, "batch_seqs": 4},
         "seeds": [1],
     }
     for key, value in overrides.items():
@@ -109,6 +112,18 @@ def test_full_run_writes_every_data_artifact(finished):
     assert rd["predicted"]["dbpb"] <= uniform["predicted"]["dbpb"]
     assert rd_packed["predicted_bytes"] == rd["predicted"]["bytes"]
     assert rd_packed["artifact_bytes"] <= packed["artifact_bytes"]  # at uniform's bytes or fewer
+    seeds = read_json(finished.path("results/tiny/seeds.json"))
+    assert [(r["seed"], r["policy"]) for r in seeds["rows"]] == [(1, "uniform"), (1, "rd")]
+    for row in seeds["rows"]:
+        for mode in ("prequant", "roundtrip", "sliding", "ttt"):
+            result = read_json(finished.path(f"results/tiny/seed1/eval/{row['policy']}/"
+                                             f"{mode}.json"))
+            assert row[mode] == result["bpb"] and result["tokens"] == 2048
+        assert row["artifact_bytes"] == read_json(finished.path(
+            f"results/tiny/seed1/artifact/{row['policy']}.json"))["artifact_bytes"]
+    roundtrip = read_json(finished.path("results/tiny/seed1/eval/rd/roundtrip.json"))
+    assert roundtrip["guard"]["passed"] and roundtrip["source"].endswith("artifact/rd.pgz")
+    assert "| 1 | rd |" in finished.path("results/tiny/seeds.md").read_text()
     assert finished.planned() == {}
 
 
@@ -131,18 +146,32 @@ def test_config_edits_rerun_exactly_their_stages(finished):
     finished.write_config({**config, "gptq": {"damp": 0.02}})
     assert set(finished.planned()) == requantize  # re-quantizes only
     finished.write_config({**config, "sweep": {**config["sweep"], "bits": [4, 6, 7, 8]}})
-    assert set(finished.planned()) == {"sweep", "sensitivity", "allocate", "artifact", "all"}
+    assert set(finished.planned()) == {"sweep", "sensitivity", "allocate", "artifact", *EVALS}
+
+
+def test_eval_edits_rerun_only_their_modes(finished):
+    config = tiny_config(finished.docs)
+    finished.write_config({**config, "ttt": {**config["ttt"], "lr": 0.02}})
+    assert finished.planned() == {"eval": 2, "seeds": 1, "all": 1}  # ttt, per policy
+    finished.write_config({**config, "eval": {**config["eval"], "stride": 32}})
+    assert finished.planned() == {"eval": 4, "seeds": 1, "all": 1}  # sliding and ttt
+    finished.write_config({**config, "eval": {**config["eval"], "max_tokens": 1024}})
+    assert finished.planned() == {"eval_prequant": 1, "eval": 6, "seeds": 1, "all": 1}
+    finished.write_config({**config, "eval": {**config["eval"],
+                                              "modes": ["prequant", "roundtrip"]}})
+    assert finished.planned() == {"seeds": 1, "all": 1}
 
 
 def test_budget_edits_rerun_only_allocation_and_packing(finished):
     config = tiny_config(finished.docs)
     finished.write_config({**config, "allocate": {**config["allocate"],
                                                   "rd": {"budget": 50_000}}})
-    assert finished.planned() == {"allocate": 1, "artifact": 1, "all": 1}  # rd's, not uniform's
+    # rd's allocation and artifact, not uniform's, and rd's three artifact evaluations
+    assert finished.planned() == {"allocate": 1, "artifact": 1, "eval": 3, "seeds": 1, "all": 1}
     finished.write_config({**config, "allocate": {**config["allocate"],
                                                   "uniform": {"matrix_bits": 8}}})
     # uniform's artifact sets rd's budget, so both policies follow
-    assert finished.planned() == {"allocate": 2, "artifact": 2, "all": 1}
+    assert finished.planned() == {"allocate": 2, "artifact": 2, "eval": 6, "seeds": 1, "all": 1}
 
 
 def test_touch_reruns_nothing_and_code_edits_rerun_their_stage(finished):
@@ -159,8 +188,11 @@ def test_touch_reruns_nothing_and_code_edits_rerun_their_stage(finished):
                                                             "curriculum", *after_train}
     assert edited(finished, "src/pgolf/train/muon.py") == after_train
     assert edited(finished, "src/pgolf/quant/gptq.py") == QUANTIZERS
-    assert edited(finished, "src/pgolf/quant/codec.py") == QUANTIZERS
-    assert edited(finished, "src/pgolf/quant/allocate.py") == {"allocate", "artifact", "all"}
+    # the evaluator reads artifacts, so its every mode follows a codec edit
+    assert edited(finished, "src/pgolf/quant/codec.py") == {"eval_prequant", *QUANTIZERS}
+    assert edited(finished, "src/pgolf/eval/ttt.py") == {"allocate", "artifact", "eval_prequant",
+                                                         *EVALS}  # decoder: code bytes
+    assert edited(finished, "src/pgolf/quant/allocate.py") == {"allocate", "artifact", *EVALS}
     assert edited(finished, "src/pgolf/eval/bpb.py") == AFTER_TRAIN  # train validates with it
     # tokenizer.py is imported by the tokenizer and shards stages, not by the corpus stage
     assert edited(finished, "src/pgolf/data/tokenizer.py") == DATA_RULES
@@ -203,6 +235,8 @@ def failing_run(workflow, config, log=None):
 def test_bad_config_values_name_the_file_and_value(workflow, tmp_path):
     text = failing_run(workflow, tiny_config(tmp_path / "d.jsonl", tokenizer={"vocab_size": 70000}))
     assert "test.yaml" in text and "tokenizer.vocab_size = 70000" in text
+    text = failing_run(workflow, tiny_config(tmp_path / "d.jsonl", eval={"stride": 100}))
+    assert "test.yaml" in text and "eval.stride = 100 must be at most the eval seq_len (64)" in text
     text = failing_run(workflow, tiny_config(tmp_path / "d.jsonl", manifest={"num_bucket": 3}))
     assert "'num_bucket' was unexpected" in text
     assert not workflow.path("results").exists()

@@ -49,23 +49,66 @@ def window_batch(stream: np.ndarray, rows: np.ndarray, seq_len: int):
     return x, y, scored
 
 
+def chunk_rows(rows: np.ndarray, num_targets: int, chunk_tokens: int) -> list[np.ndarray]:
+    """The plan cut into chunks of chunk_tokens targets (the last may be shorter): a window whose
+    scored range crosses a chunk edge is split in two, same start and context, so each chunk's
+    rows score exactly its own targets."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens = {chunk_tokens}: must be >= 1")
+    chunks = []
+    for lo in range(0, num_targets, chunk_tokens):
+        hi = min(lo + chunk_tokens, num_targets)
+        part = rows[(rows[:, 1] < hi) & (rows[:, 2] > lo)].copy()
+        part[:, 1] = np.maximum(part[:, 1], lo)
+        part[:, 2] = np.minimum(part[:, 2], hi)
+        chunks.append(part)
+    return chunks
+
+
+def rank_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """This rank's contiguous share of n items."""
+    return rank * n // world, (rank + 1) * n // world
+
+
 @torch.no_grad()
-def sliding_bpb(model, stream: np.ndarray, lut: ByteLUT, *, seq_len: int, stride: int,
-                batch_seqs: int, device: torch.device, rank: int = 0, world: int = 1,
-                max_tokens: int | None = None, autocast: bool = False) -> dict:
-    """BPB over the roundtrip targets scored by sliding windows; ranks take contiguous windows."""
-    rows = plan(scored_targets(stream, seq_len, max_tokens), seq_len, stride)
-    lo, hi = rank * len(rows) // world, (rank + 1) * len(rows) // world
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
-    for first in range(lo, hi, batch_seqs):
-        x, y, scored = window_batch(stream, rows[first:min(hi, first + batch_seqs)], seq_len)
+def score_rows(model, stream: np.ndarray, rows: np.ndarray, lut: ByteLUT, *, seq_len: int,
+               batch_seqs: int, device: torch.device, autocast: bool = False) -> torch.Tensor:
+    """(nll nats, targets, bytes) in float64 over the scored positions of these plan rows."""
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for first in range(0, len(rows), batch_seqs):
+        x, y, scored = window_batch(stream, rows[first:first + batch_seqs], seq_len)
         xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             nll = model(xt, yt, reduction="none")
-        mask = torch.from_numpy(scored).to(device)
-        sums[0] += nll.double()[mask].sum()
+        sums[0] += nll.double()[torch.from_numpy(scored).to(device)].sum()
         sums[1] += int(scored.sum())
         sums[2] += int(target_bytes(x[scored], y[scored], lut).sum())
+    return sums
+
+
+def chunk_totals(sums: torch.Tensor, extra: dict) -> dict:
+    """The result of a chunked scoring pass: totals, and per chunk its nll, targets and bytes
+    (what a paired comparison of two passes over the same chunks needs)."""
+    total = sums.sum(0)
+    per_chunk = {"nll_nats": sums[:, 0].tolist(), "tokens": sums[:, 1].long().tolist(),
+                 "bytes": sums[:, 2].long().tolist()}
+    return {**totals(float(total[0]), int(total[1]), int(total[2])), **extra,
+            "chunks": per_chunk}
+
+
+def sliding_bpb(model, stream: np.ndarray, lut: ByteLUT, *, seq_len: int, stride: int,
+                batch_seqs: int, device: torch.device, rank: int = 0, world: int = 1,
+                max_tokens: int | None = None, autocast: bool = False,
+                chunk_tokens: int | None = None) -> dict:
+    """BPB over the roundtrip targets scored by sliding windows, with per-chunk sums for chunks
+    of chunk_tokens targets (one chunk if None); ranks take contiguous rows of each chunk."""
+    num_targets = scored_targets(stream, seq_len, max_tokens)
+    rows = plan(num_targets, seq_len, stride)
+    chunks = chunk_rows(rows, num_targets, chunk_tokens or num_targets)
+    sums = torch.zeros(len(chunks), 3, dtype=torch.float64, device=device)
+    for c, part in enumerate(chunks):
+        lo, hi = rank_range(len(part), rank, world)
+        sums[c] = score_rows(model, stream, part[lo:hi], lut, seq_len=seq_len,
+                             batch_seqs=batch_seqs, device=device, autocast=autocast)
     all_reduce(sums)
-    return {**totals(float(sums[0]), int(sums[1]), int(sums[2])), "stride": stride,
-            "windows": len(rows)}
+    return chunk_totals(sums, {"stride": stride, "windows": len(rows)})

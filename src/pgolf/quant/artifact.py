@@ -52,6 +52,9 @@ class Quantized:
     scales: torch.Tensor  # fp16, (rows,)
     bits: int
 
+    def dequantize(self) -> torch.Tensor:
+        return self.codes.float() * self.scales.float()[:, None]
+
 
 @dataclass
 class Encoded:
@@ -263,3 +266,9 @@ def read_artifact(path: Path) -> tuple[dict[str, torch.Tensor | Quantized], dict
     except (ValueError, KeyError, IndexError, TypeError) as err:
         raise ValueError(f"artifact {path}: corrupt content ({type(err).__name__}: {err})") \
             from None
+
+
+def dequantize_tensors(tensors: dict) -> dict[str, torch.Tensor]:
+    """The float32 weights an artifact's tensors stand for."""
+    return {n: t.dequantize() if isinstance(t, Quantized) else t.float()
+            for n, t in tensors.items()}

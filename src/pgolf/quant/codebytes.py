@@ -15,7 +15,7 @@ from pgolf.codehash import import_closure
 
 CHALLENGE_BYTES = 16_000_000  # artifact + code bytes must fit this
 SRC = Path(__file__).resolve().parents[2]  # the source tree this code runs from
-DECODER_ENTRY = ("pgolf/quant/artifact.py", "pgolf/model/gpt.py", "pgolf/eval/bpb.py")
+DECODER_ENTRY = ("pgolf/quant/artifact.py", "pgolf/model/gpt.py", "pgolf/eval/ttt.py")
 WRAPPER = "import base64,brotli\nexec(brotli.decompress(base64.b85decode({!r})))\n"
 
 

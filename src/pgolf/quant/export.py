@@ -39,11 +39,6 @@ def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Ten
     return out
 
 
-def dequantize_state(tensors: dict) -> dict[str, torch.Tensor]:
-    return {n: (t.codes.float() * t.scales.float()[:, None]) if isinstance(t, Quantized) else t
-            for n, t in tensors.items()}
-
-
 @dataclass(kw_only=True)
 class PackConfig:
     limit_bytes: int = CHALLENGE_BYTES  # artifact + code bytes must not exceed this
