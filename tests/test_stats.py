@@ -1,11 +1,13 @@
 """Seed statistics: paired t with df = n - 1, exact p and t intervals, checked against scipy."""
 
+import json
 import math
 
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+from pgolf.eval.seeds import markdown, seed_statistics
 from pgolf.eval.stats import incomplete_beta, paired, spread, t_quantile, t_sf2
 
 
@@ -54,3 +56,57 @@ def test_edge_cases():
     assert math.isnan(paired([1.0, 1.0], [1.0, 1.0])["t"])
     assert spread([1.0, 2.0, 3.0]) == {"n": 3, "mean": 2.0, "sd": 1.0}
     assert math.isnan(spread([1.0])["sd"])
+
+
+def eval_result(bpb, nll, tokens=(100, 100, 50), bytes_=500):
+    return {"bpb": bpb, "bytes": bytes_, "chunks": {"nll_nats": list(nll), "tokens": list(tokens),
+                                                    "bytes": [200, 200, 100]}}
+
+
+def fake_run(seeds, rng):
+    """Eval and artifact JSONs of two policies over `seeds`, the BPB consistent with the sums."""
+    evals, artifacts = {}, {}
+    for s in seeds:
+        for p in ("uniform", "rd"):
+            artifacts[s, p] = {"artifact_bytes": 1000 + s, "total_bytes": 1500 + s,
+                               "margin_bytes": 10 ** 6 - s}
+            for mode in ("prequant", "roundtrip", "sliding", "ttt"):
+                nll = rng.uniform(300, 400, 3)
+                evals[s, p, mode] = eval_result(nll.sum() / math.log(2) / 500, nll)
+    return evals, artifacts
+
+
+def test_seed_statistics_are_the_paired_statistics_of_the_eval_results():
+    evals, artifacts = fake_run([1, 2, 3], np.random.default_rng(0))
+    stats = seed_statistics(evals, artifacts, seeds=[1, 2, 3], policies=["uniform", "rd"],
+                            modes=["ttt", "prequant", "sliding", "roundtrip"])
+    assert stats["modes"] == ["prequant", "roundtrip", "sliding", "ttt"]  # pipeline order
+    pairs = [(d["from"], d["to"]) for d in stats["paired_modes"]["rd"]]
+    assert pairs == [("prequant", "roundtrip"), ("roundtrip", "sliding"), ("sliding", "ttt"),
+                     ("prequant", "ttt")]
+    first = stats["paired_modes"]["rd"][0]
+    expected = paired([evals[s, "rd", "roundtrip"]["bpb"] for s in (1, 2, 3)],
+                      [evals[s, "rd", "prequant"]["bpb"] for s in (1, 2, 3)])
+    assert first["t"] == pytest.approx(expected["t"]) and first["df"] == 2
+    policy = stats["paired_policies"][0]
+    assert (policy["mode"], policy["from"], policy["to"]) == ("prequant", "uniform", "rd")
+    spread_ttt = stats["across_seeds"]["uniform"]["ttt"]
+    assert spread_ttt["sd"] == pytest.approx(np.std([evals[s, "uniform", "ttt"]["bpb"]
+                                                     for s in (1, 2, 3)], ddof=1))
+    for row in stats["ttt_vs_sliding"]:  # chunk differences sum to the BPB difference
+        s, p = row["seed"], row["policy"]
+        assert row["dbpb"] == pytest.approx(evals[s, p, "ttt"]["bpb"]
+                                            - evals[s, p, "sliding"]["bpb"], rel=1e-12)
+        assert row["se"] > 0 and row["chunks"] == 3
+    table = markdown(stats)
+    assert "| 3 | rd |" in table and "n = 3, df = 2" in table
+
+
+def test_one_seed_has_no_paired_statistics_and_strict_json():
+    evals, artifacts = fake_run([7], np.random.default_rng(1))
+    stats = seed_statistics(evals, artifacts, seeds=[7], policies=["uniform", "rd"],
+                            modes=["prequant", "roundtrip"])
+    assert stats["paired_modes"] == {} and stats["paired_policies"] == []
+    assert stats["across_seeds"]["rd"]["prequant"]["sd"] is None  # NaN is not JSON
+    json.dumps(stats, allow_nan=False)
+    assert "n/a" in markdown(stats)
