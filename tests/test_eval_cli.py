@@ -161,6 +161,14 @@ def test_two_gloo_processes_match_one(setup, tmp_path):
     assert results["ttt", 2]["bpb"] == pytest.approx(results["ttt", 1]["bpb"], rel=1e-5)
     assert results["ttt", 1]["bpb"] < results["sliding", 1]["bpb"]
     assert results["ttt", 1]["lr_schedule"][0] == SPEC["ttt"]["lr"]
+    # one sequence a step: rank 0 has none in every step and still joins the all-reduce
+    single = {**SPEC, "ttt": {**SPEC["ttt"], "batch_seqs": 1}}
+    for nproc in (1, 2):
+        out = tmp_path / f"single{nproc}.json"
+        done = run_eval(setup, "ttt", out, nproc=nproc, spec=single, artifact=root / "default.pgz")
+        assert done.returncode == 0, done.stdout + done.stderr
+    one, two = (read_json(tmp_path / f"single{n}.json")["bpb"] for n in (1, 2))
+    assert two == pytest.approx(one, rel=1e-5)
 
 
 def test_errors_name_the_file(setup, tmp_path):

@@ -82,6 +82,9 @@ def train_chunk(model, optimizer, params: list, stream: np.ndarray, starts: np.n
     Each rank's loss is its share of the step's mean, so the summed gradient is the same for any
     number of ranks."""
     offsets = np.arange(seq_len)
+    for p in params:  # a rank with no sequence in a step still all-reduces (zero) gradients
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     for _ in range(cfg.epochs):
         for first in range(0, len(starts), cfg.batch_seqs):
             step = starts[first:first + cfg.batch_seqs]
