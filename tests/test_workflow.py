@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -285,3 +287,28 @@ def test_upstream_shard_folder_source(finished, tokenizer_path, tmp_path):
     log = finished.path("results/tiny/logs/shards.log").read_text()
     assert result.returncode != 0 and f"shard {bad}: wrong magic 7" in log
     assert not finished.path(f"{DATA}/shards.json").exists()
+
+
+def test_audit_traces_an_artifact_to_the_corpus_and_catches_a_changed_shard(finished):
+    def audit():
+        return subprocess.run([sys.executable, "-m", "pgolf.cli", "audit",
+                               "results/tiny/seed1/artifact/rd.pgz"], cwd=finished.root,
+                              capture_output=True, text=True)
+    done = audit()
+    assert done.returncode == 0, done.stderr
+    corpus = read_json(finished.path(f"{DATA}/docs.json"))
+    assert f"corpus: {DATA}/docs.jsonl sha256 {corpus['sha256']}" in done.stdout
+    for stage in ("artifact", "allocate", "sensitivity", "sweep", "hessians", "train",
+                  "curriculum", "shards", "tokenizer", "corpus"):
+        assert f": stage {stage}, code " in done.stdout
+    assert "CHANGED" not in done.stdout
+    assert " docs.jsonl: a source (no provenance record)" in done.stdout  # the user's corpus file
+    shard = list_shards(finished.path(f"{DATA}/shards"), "train")[0]
+    with open(shard, "r+b") as f:
+        f.seek(2048)
+        f.write(b"\x07\x00")
+    done = audit()
+    assert done.returncode == 1
+    assert f"pgolf: error: {DATA}/shards/{shard.name}: sha256 " in done.stderr
+    assert f"recorded by {DATA}/shards.json" not in done.stderr  # one line per file, not record
+    assert f"CHANGED output {DATA}/shards/{shard.name}" in done.stdout

@@ -1,4 +1,5 @@
-"""The `pgolf` command: inspect shards and check configs without running the workflow."""
+"""The `pgolf` command: inspect shards, check configs and audit outputs without running the
+workflow."""
 
 import argparse
 import sys
@@ -23,6 +24,17 @@ def check_config(paths: list[str]) -> None:
     print(f"{', '.join(paths)}: valid (run {config['run']!r}, seeds {config['seeds']})")
 
 
+def audit(path: str, root: str | None) -> int:
+    from pgolf.audit import audit as trace
+
+    result = trace(path, root)
+    print("\n".join(result.lines))
+    print(result.summary())
+    for problem in result.problems:
+        print(f"pgolf: error: {problem}", file=sys.stderr)
+    return 1 if result.problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pgolf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,10 +43,17 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--bos-id", type=int, default=1)
     check = sub.add_parser("check-config", help="validate config files (merged in order)")
     check.add_argument("paths", nargs="+")
+    lineage = sub.add_parser("audit", help="trace an output's provenance back to the corpus and "
+                             "verify the recorded sha256s (exit 1 on a mismatch)")
+    lineage.add_argument("path")
+    lineage.add_argument("--root", help="folder the recorded paths are relative to (default: "
+                         "the one holding results/)")
     args = parser.parse_args(argv)
     try:
         if args.command == "shard-info":
             shard_info(args.paths, args.bos_id)
+        elif args.command == "audit":
+            return audit(args.path, args.root)
         else:
             check_config(args.paths)
     except ValueError as err:
