@@ -25,6 +25,7 @@ include: "rules/hessians.smk"
 include: "rules/quantize.smk"
 include: "rules/sweep.smk"
 include: "rules/eval.smk"
+include: "rules/submission.smk"
 
 
 rule all:

@@ -130,7 +130,45 @@ def final_targets():
         *sensitivity,
         f"results/{RUN}/seeds.json",
         f"results/{RUN}/seeds.md",
+        f"results/{RUN}/submission",
     ]
+
+
+def submission_settings():
+    """The submission section with its defaults resolved and checked against the run."""
+    where = ", ".join(map(str, workflow.configfiles))
+    settings = dict(config["submission"])
+    settings["seeds"] = settings["seeds"] or SEEDS
+    settings["policy"] = settings["policy"] or POLICIES[-1]
+    settings["mode"] = settings["mode"] or config["eval"]["modes"][-1]
+    checks = {
+        "seeds": (set(settings["seeds"]) <= set(SEEDS), f"seeds {SEEDS}"),
+        "policy": (settings["policy"] in POLICIES, f"allocate.policies {POLICIES}"),
+        "mode": (settings["mode"] in config["eval"]["modes"], "eval.modes"),
+    }
+    for key, (ok, among) in checks.items():
+        if not ok:
+            raise WorkflowError(
+                f"{where}: submission.{key} = {settings[key]!r} is not among {among}"
+            )
+    return settings
+
+
+def submission_inputs(wildcards):
+    settings = submission_settings()
+    seeds, policy = settings["seeds"], settings["policy"]
+    return {
+        "evals": expand(
+            seed_path("eval/{policy}/{mode}.json"),
+            seed=seeds,
+            policy=policy,
+            mode=config["eval"]["modes"],
+        ),
+        "artifacts": expand(
+            seed_path("artifact/{policy}.pgz"), seed=seeds, policy=policy
+        ),
+        "train": expand(seed_path("train.json"), seed=seeds),
+    }
 
 
 def eval_results():

@@ -18,7 +18,7 @@ from pgolf.quant.artifact import read_artifact
 
 pytestmark = pytest.mark.slow
 DATA = "results/tiny/data"
-EVALS = {"eval", "seeds", "all"}
+EVALS = {"eval", "seeds", "submission", "all"}
 QUANTIZERS = {"sweep_baseline", "sweep", "block_groups", "sensitivity", "allocate", "artifact",
               *EVALS}
 AFTER_TRAIN = {"train", "hessians", "eval_prequant", *QUANTIZERS}
@@ -126,6 +126,20 @@ def test_full_run_writes_every_data_artifact(finished):
     roundtrip = read_json(finished.path("results/tiny/seed1/eval/rd/roundtrip.json"))
     assert roundtrip["guard"]["passed"] and roundtrip["source"].endswith("artifact/rd.pgz")
     assert "| 1 | rd |" in finished.path("results/tiny/seeds.md").read_text()
+    submitted = read_json(finished.path("results/tiny/submission/submission.json"))
+    upstream = {"author", "github_id", "name", "blurb", "date", "val_loss", "val_bpb",
+                "bytes_total", "bytes_code"}
+    assert upstream <= set(submitted) and submitted["policy"] == "rd"  # the last policy
+    ttt = read_json(finished.path("results/tiny/seed1/eval/rd/ttt.json"))
+    assert (submitted["val_bpb"], submitted["val_loss"]) == (ttt["bpb"], ttt["loss"])
+    assert submitted["bytes_total"] == rd_packed["total_bytes"]
+    assert submitted["bytes_code"] == rd_packed["code"]["bytes"]
+    folder = finished.path("results/tiny/submission")
+    assert (folder / "artifact_seed1.pgz").read_bytes() == finished.path(
+        "results/tiny/seed1/artifact/rd.pgz").read_bytes()
+    assert {p.name for p in (folder / "logs").iterdir()} >= {
+        "train_seed1.log", "train_seed1.json", "eval_seed1_rd_ttt.log"}
+    assert f"val_bpb {ttt['bpb']:.5f}" in (folder / "README.md").read_text()
     assert finished.planned() == {}
 
 
@@ -154,14 +168,17 @@ def test_config_edits_rerun_exactly_their_stages(finished):
 def test_eval_edits_rerun_only_their_modes(finished):
     config = tiny_config(finished.docs)
     finished.write_config({**config, "ttt": {**config["ttt"], "lr": 0.02}})
-    assert finished.planned() == {"eval": 2, "seeds": 1, "all": 1}  # ttt, per policy
+    # ttt, per policy
+    assert finished.planned() == {"eval": 2, "seeds": 1, "submission": 1, "all": 1}
     finished.write_config({**config, "eval": {**config["eval"], "stride": 32}})
-    assert finished.planned() == {"eval": 4, "seeds": 1, "all": 1}  # sliding and ttt
+    # sliding and ttt
+    assert finished.planned() == {"eval": 4, "seeds": 1, "submission": 1, "all": 1}
     finished.write_config({**config, "eval": {**config["eval"], "max_tokens": 1024}})
-    assert finished.planned() == {"eval_prequant": 1, "eval": 6, "seeds": 1, "all": 1}
+    assert finished.planned() == {"eval_prequant": 1, "eval": 6, "seeds": 1, "submission": 1,
+                                  "all": 1}
     finished.write_config({**config, "eval": {**config["eval"],
                                               "modes": ["prequant", "roundtrip"]}})
-    assert finished.planned() == {"seeds": 1, "all": 1}
+    assert finished.planned() == {"seeds": 1, "submission": 1, "all": 1}
 
 
 def test_budget_edits_rerun_only_allocation_and_packing(finished):
@@ -169,11 +186,13 @@ def test_budget_edits_rerun_only_allocation_and_packing(finished):
     finished.write_config({**config, "allocate": {**config["allocate"],
                                                   "rd": {"budget": 50_000}}})
     # rd's allocation and artifact, not uniform's, and rd's three artifact evaluations
-    assert finished.planned() == {"allocate": 1, "artifact": 1, "eval": 3, "seeds": 1, "all": 1}
+    assert finished.planned() == {"allocate": 1, "artifact": 1, "eval": 3, "seeds": 1,
+                                  "submission": 1, "all": 1}
     finished.write_config({**config, "allocate": {**config["allocate"],
                                                   "uniform": {"matrix_bits": 8}}})
     # uniform's artifact sets rd's budget, so both policies follow
-    assert finished.planned() == {"allocate": 2, "artifact": 2, "eval": 6, "seeds": 1, "all": 1}
+    assert finished.planned() == {"allocate": 2, "artifact": 2, "eval": 6, "seeds": 1,
+                                  "submission": 1, "all": 1}
 
 
 def test_touch_reruns_nothing_and_code_edits_rerun_their_stage(finished):
