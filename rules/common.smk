@@ -167,6 +167,10 @@ def submission_inputs(wildcards):
         "artifacts": expand(
             seed_path("artifact/{policy}.pgz"), seed=seeds, policy=policy
         ),
+        # read beside each artifact: its bytes, code bytes and budget margin
+        "artifact_meta": expand(
+            seed_path("artifact/{policy}.json"), seed=seeds, policy=policy
+        ),
         "train": expand(seed_path("train.json"), seed=seeds),
     }
 
