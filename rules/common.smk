@@ -195,8 +195,8 @@ def eval_spec(mode):
         spec["eval"]["stride"] = section["stride"]
     if mode == "roundtrip":
         spec["guard"] = section["guard"]
-    if mode == "sliding":  # its per-chunk sums are on TTT's chunks
-        spec["ttt"] = {"chunk_tokens": config["ttt"]["chunk_tokens"]}
+    # every mode sums per chunk of TTT's chunks, so any two modes pair over the same chunks
+    spec["ttt"] = {"chunk_tokens": config["ttt"]["chunk_tokens"]}
     if mode == "ttt":
         spec["ttt"] = config["ttt"]
     return json.dumps(spec, sort_keys=True)

@@ -59,8 +59,8 @@ def test_edge_cases():
 
 
 def eval_result(bpb, nll, tokens=(100, 100, 50), bytes_=500):
-    return {"bpb": bpb, "bytes": bytes_, "chunks": {"nll_nats": list(nll), "tokens": list(tokens),
-                                                    "bytes": [200, 200, 100]}}
+    chunks = {"nll_nats": list(nll), "tokens": list(tokens), "bytes": [200, 200, 100]}
+    return {"mode": "m", "bpb": bpb, "bytes": bytes_, "chunks": chunks}
 
 
 def fake_run(seeds, rng):
@@ -93,10 +93,12 @@ def test_seed_statistics_are_the_paired_statistics_of_the_eval_results():
     spread_ttt = stats["across_seeds"]["uniform"]["ttt"]
     assert spread_ttt["sd"] == pytest.approx(np.std([evals[s, "uniform", "ttt"]["bpb"]
                                                      for s in (1, 2, 3)], ddof=1))
-    for row in stats["ttt_vs_sliding"]:  # chunk differences sum to the BPB difference
-        s, p = row["seed"], row["policy"]
-        assert row["dbpb"] == pytest.approx(evals[s, p, "ttt"]["bpb"]
-                                            - evals[s, p, "sliding"]["bpb"], rel=1e-12)
+    pairs = {(r["from"], r["to"]) for r in stats["within_runs"]}
+    assert pairs == {("prequant", "roundtrip"), ("sliding", "ttt")}
+    for row in stats["within_runs"]:  # chunk differences sum to the BPB difference
+        s, p, a, b = row["seed"], row["policy"], row["from"], row["to"]
+        assert row["dbpb"] == pytest.approx(evals[s, p, b]["bpb"] - evals[s, p, a]["bpb"],
+                                            rel=1e-12)
         assert row["se"] > 0 and row["chunks"] == 3
     table = markdown(stats)
     assert "| 3 | rd |" in table and "n = 3, df = 2" in table

@@ -19,7 +19,7 @@ import torch
 
 from pgolf.config import section
 from pgolf.data.bytecount import ByteLUT, load_tokenizer
-from pgolf.eval.bpb import evaluate, val_stream
+from pgolf.eval.bpb import val_stream
 from pgolf.eval.guard import GuardConfig, check_damage_gap, tensor_damage
 from pgolf.eval.sliding import sliding_bpb
 from pgolf.eval.ttt import TTTConfig, ttt_bpb
@@ -92,10 +92,10 @@ def score(mode: str, model, stream, lut: ByteLUT, *, cfg: EvalConfig, ttt: TTTCo
     autocast = dist.device.type == "cuda" if cfg.autocast is None else cfg.autocast
     common = dict(seq_len=cfg.seq_len, batch_seqs=cfg.batch_seqs, device=dist.device,
                   rank=dist.rank, world=dist.world, max_tokens=cfg.max_tokens, autocast=autocast)
-    if mode in ("prequant", "roundtrip"):
-        return evaluate(model, stream, lut, **common)
-    if mode == "sliding":  # per-chunk sums on TTT's chunks: the paired noise floor of ttt
-        return sliding_bpb(model, stream, lut, stride=cfg.stride, chunk_tokens=ttt.chunk_tokens,
+    if mode != "ttt":  # stride = seq_len is roundtrip's windows; per-chunk sums on TTT's
+        # chunks pair any two modes over the same chunks (their noise floor)
+        stride = cfg.seq_len if mode in ("prequant", "roundtrip") else cfg.stride
+        return sliding_bpb(model, stream, lut, stride=stride, chunk_tokens=ttt.chunk_tokens,
                            **common)
     return {**ttt_bpb(model, stream, lut, cfg=ttt, stride=cfg.stride, **common),
             "ttt": asdict(ttt)}

@@ -33,13 +33,16 @@ def mode_pairs(modes: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
+WITHIN_RUN = (("prequant", "roundtrip"), ("sliding", "ttt"))  # quantization damage; TTT's gain
+
+
 def chunk_paired(after: dict, before: dict) -> dict:
-    """dBPB of two passes over the same chunks (TTT - sliding) and its noise floor: the SE of the
-    sum of per-chunk differences, chunks taken as independent."""
+    """dBPB of two passes over the same chunks (roundtrip - prequant, ttt - sliding) and its
+    noise floor: the SE of the sum of per-chunk differences, chunks taken as independent."""
     a, b = (np.asarray(r["chunks"]["nll_nats"]) for r in (after, before))
     if after["chunks"]["tokens"] != before["chunks"]["tokens"]:
-        raise ValueError("ttt and sliding scored different chunks: rerun both with the same "
-                         "eval and ttt.chunk_tokens settings")
+        raise ValueError(f"{after['mode']} and {before['mode']} scored different chunks: rerun "
+                         "both with the same eval and ttt.chunk_tokens settings")
     per_chunk = (a - b) / math.log(2) / before["bytes"]
     result = {"dbpb": float(per_chunk.sum()), "chunks": len(per_chunk)}
     if len(per_chunk) > 1:
@@ -57,7 +60,7 @@ def seed_statistics(evals: dict, artifacts: dict, *, seeds: list, policies: list
              "margin_bytes": artifacts[s, p]["margin_bytes"],
              **{m: evals[s, p, m]["bpb"] for m in modes}} for s in seeds for p in policies]
     out = {"n": len(seeds), "seeds": seeds, "policies": policies, "modes": modes, "rows": rows,
-           "across_seeds": {}, "paired_modes": {}, "paired_policies": [], "ttt_vs_sliding": []}
+           "across_seeds": {}, "paired_modes": {}, "paired_policies": [], "within_runs": []}
     for p in policies:
         mine = [r for r in rows if r["policy"] == p]
         out["across_seeds"][p] = {m: spread([r[m] for r in mine]) for m in modes}
@@ -72,10 +75,10 @@ def seed_statistics(evals: dict, artifacts: dict, *, seeds: list, policies: list
                     {"mode": m, "from": a, "to": b,
                      **paired([evals[s, b, m]["bpb"] for s in seeds],
                               [evals[s, a, m]["bpb"] for s in seeds])})
-    if {"sliding", "ttt"} <= set(modes):
-        out["ttt_vs_sliding"] = [{"seed": s, "policy": p,
-                                  **chunk_paired(evals[s, p, "ttt"], evals[s, p, "sliding"])}
-                                 for s in seeds for p in policies]
+    out["within_runs"] = [{"seed": s, "policy": p, "from": a, "to": b,
+                           **chunk_paired(evals[s, p, b], evals[s, p, a])}
+                          for a, b in WITHIN_RUN if {a, b} <= set(modes)
+                          for s in seeds for p in policies]
     return finite(out)
 
 
@@ -112,12 +115,14 @@ def markdown(stats: dict) -> str:
             lines.append(f"| {label} | {what} | {_num(d['mean'])} | {_num(d['sd'])} | "
                          f"{_num(d['se'])} | {_num(d['t'], 2)} | {_num(d['p'], 4)} | "
                          f"[{_num(ci[0])}, {_num(ci[1])}] |")
-    if stats["ttt_vs_sliding"]:
-        lines += ["", "TTT - sliding within each run, paired over chunks (noise floor: SE of "
-                  "the summed chunk differences):", "",
-                  "| seed | policy | dBPB | SE | chunks |", "|---|---|---|---|---|"]
-        lines += [f"| {d['seed']} | {d['policy']} | {_num(d['dbpb'])} | "
-                  f"{_num(d.get('se'))} | {d['chunks']} |" for d in stats["ttt_vs_sliding"]]
+    if stats["within_runs"]:
+        lines += ["", "Within each run, paired over chunks (quantization damage, TTT's gain; "
+                  "noise floor: SE of the summed chunk differences):", "",
+                  "| seed | policy | difference | dBPB | SE | chunks |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {d['seed']} | {d['policy']} | {d['to']} - {d['from']} | "
+                  f"{_num(d['dbpb'])} | {_num(d.get('se'))} | {d['chunks']} |"
+                  for d in stats["within_runs"]]
     return "\n".join(lines) + "\n"
 
 
