@@ -8,6 +8,11 @@ from pgolf.model.config import GPTConfig, quantizable_matrices
 from pgolf.quant.codebytes import DECODER_ENTRY
 
 
+def config_error(message):
+    """A config mistake, named with the config files it came from."""
+    return WorkflowError(f"{', '.join(map(str, workflow.configfiles))}: {message}")
+
+
 def check_config():
     """Schema check (fills defaults) plus the cross-section rules the schema cannot say."""
     files = workflow.configfiles
@@ -19,27 +24,24 @@ def check_config():
         )
     except ValueError as err:
         raise WorkflowError(f"invalid config: {err}") from None
-    corpus, where = config["corpus"], ", ".join(map(str, files))
+    corpus = config["corpus"]
     if corpus["source"] in ("text", "jsonl", "shards") and not corpus["path"]:
-        raise WorkflowError(
-            f"{where}: corpus.source={corpus['source']!r} needs corpus.path"
-        )
+        raise config_error(f"corpus.source={corpus['source']!r} needs corpus.path")
     if corpus["source"] == "shards" and not config["tokenizer"]["model"]:
-        raise WorkflowError(f"{where}: corpus.source='shards' needs tokenizer.model")
+        raise config_error("corpus.source='shards' needs tokenizer.model")
     allocate = config["allocate"]
     budget = str(allocate["rd"]["budget"])
     reference = budget.removeprefix("policy:")
     if "rd" in allocate["policies"] and budget.startswith("policy:"):
         if reference == "rd" or reference not in allocate["policies"]:
-            raise WorkflowError(
-                f"{where}: allocate.rd.budget = {budget!r} must name another policy in "
+            raise config_error(
+                f"allocate.rd.budget = {budget!r} must name another policy in "
                 f"allocate.policies {allocate['policies']}"
             )
 
 
 def check_eval():
     """Eval settings against the window length they apply to (seq_len defaults to train's)."""
-    where = ", ".join(map(str, workflow.configfiles))
     section = config["eval"]
     seq_len = section["seq_len"] or config["train"]["seq_len"]
     limits = {
@@ -49,8 +51,8 @@ def check_eval():
     }
     for key, (value, bound) in limits.items():
         if (value > seq_len) if bound == "at most" else (value < seq_len):
-            raise WorkflowError(
-                f"{where}: {key} = {value} must be {bound} the eval seq_len ({seq_len})"
+            raise config_error(
+                f"{key} = {value} must be {bound} the eval seq_len ({seq_len})"
             )
 
 
@@ -136,7 +138,6 @@ def final_targets():
 
 def submission_settings():
     """The submission section with its defaults resolved and checked against the run."""
-    where = ", ".join(map(str, workflow.configfiles))
     settings = dict(config["submission"])
     settings["seeds"] = settings["seeds"] or SEEDS
     settings["policy"] = settings["policy"] or POLICIES[-1]
@@ -148,8 +149,8 @@ def submission_settings():
     }
     for key, (ok, among) in checks.items():
         if not ok:
-            raise WorkflowError(
-                f"{where}: submission.{key} = {settings[key]!r} is not among {among}"
+            raise config_error(
+                f"submission.{key} = {settings[key]!r} is not among {among}"
             )
     return settings
 
