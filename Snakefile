@@ -8,6 +8,9 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "rules/captions/workflow.rst"
+
+
 wildcard_constraints:
     seed=r"\d+",
     policy=r"[a-z0-9_]+",
@@ -25,6 +28,8 @@ include: "rules/hessians.smk"
 include: "rules/quantize.smk"
 include: "rules/sweep.smk"
 include: "rules/eval.smk"
+include: "rules/analysis.smk"
+include: "rules/report.smk"
 include: "rules/submission.smk"
 
 

@@ -133,6 +133,9 @@ def final_targets():
         f"results/{RUN}/seeds.json",
         f"results/{RUN}/seeds.md",
         f"results/{RUN}/submission",
+        *analysis_targets(),
+        f"results/{RUN}/loss_curves.png",
+        *expand(seed_path("{plot}.png"), seed=SEEDS, plot=["allocation", "bytes"]),
     ]
 
 
@@ -318,3 +321,40 @@ def allocate_params(wildcards):
     if wildcards.policy == "rd" and params.get("budget") == "challenge":
         params["limit_bytes"] = config["pack"]["limit_bytes"]
     return params
+
+
+def train_threads():
+    """CPU threads per training job: the cores shared by the seeds, so they train side by side
+    (on 2 cores two 1-thread jobs finish ~20% sooner than one 2-thread job after the other).
+    """
+    return max(1, (workflow.cores or 1) // len(SEEDS))
+
+
+def analysis_report(name):
+    """A per-seed analysis figure in the report, with its caption."""
+    return report(
+        seed_path(f"analysis/{name}.png"),
+        caption=f"captions/{name}.rst",
+        category="Analysis",
+        subcategory="seed {seed}",
+    )
+
+
+def analysis_windows():
+    return {key: config["analysis"][key] for key in ("windows", "batch_seqs")}
+
+
+def analysis_targets():
+    """Every analysis that applies to this run: loops need looped layers, damage needs the
+    prequant and roundtrip modes, cross-seed Procrustes two seeds."""
+    names = ["outliers", "procrustes_layers", "skips", "generation"]
+    if config["model"].get("num_loops"):
+        names.append("loops")
+    if {"prequant", "roundtrip"} <= set(config["eval"]["modes"]):
+        names.append("damage")
+    if not config["model"].get("skips", True):
+        names.remove("skips")
+    targets = expand(seed_path("analysis/{name}.parquet"), seed=SEEDS, name=names)
+    if len(SEEDS) > 1:
+        targets.append(f"results/{RUN}/analysis/procrustes_seeds.parquet")
+    return targets

@@ -19,7 +19,7 @@ rule train:
         f"results/{RUN}/benchmarks/train_seed{{seed}}.tsv"
     conda:
         "../envs/pgolf.yaml"
-    threads: 64
+    threads: train_threads()
     resources:
         gpu=train_gpus(),
     params:

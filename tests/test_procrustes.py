@@ -1,9 +1,18 @@
 """Procrustes: the right rotation, its transposed-R bug, and the null it must be read against."""
 
+import math
+
 import pytest
 import torch
 
-from pgolf.analysis.procrustes import against_null, reduction, rotation
+from pgolf.analysis.procrustes import (
+    ProcrustesConfig,
+    against_null,
+    layer_table,
+    reduction,
+    rotation,
+    seed_table,
+)
 
 
 def random_orthogonal(n: int, seed: int) -> torch.Tensor:
@@ -53,3 +62,29 @@ def test_bad_inputs():
         against_null(torch.zeros(4, 3), torch.zeros(3, 4))
     with pytest.raises(ValueError, match="at least 20"):
         against_null(torch.ones(4, 3), torch.ones(4, 3), pairs=5)
+
+
+@pytest.mark.parametrize("shape", [(48, 96), (96, 48), (64, 64)])
+def test_the_singular_value_shortcut_equals_the_explicit_rotation(shape):
+    g = torch.Generator().manual_seed(6)
+    A, B = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2))
+    assert reduction(A, B) == pytest.approx(reduction(A, B, rotation(A, B)), abs=1e-12)
+
+
+def test_tables_pair_layers_of_one_type_and_seeds_of_one_matrix():
+    g = torch.Generator().manual_seed(7)
+    names = [f"blocks.{i}.mlp.fc.weight" for i in range(3)] + ["tok_emb.weight"]
+    state = {n: torch.randn(24, 8, generator=g) for n in names}
+    every = layer_table(state, names, cfg=ProcrustesConfig())
+    assert [(r["a"][7], r["b"][7]) for r in every] == [("0", "1"), ("0", "2"), ("1", "2")]
+    assert {r["type"] for r in every} == {"mlp.fc"}  # the embedding has no layer partner
+    adjacent = layer_table(state, names, cfg=ProcrustesConfig(layer_pairs="adjacent"))
+    assert len(adjacent) == 2
+    other = {n: torch.randn(24, 8, generator=g) for n in names}
+    rows = seed_table({1: state, 2: other, 3: state}, names, cfg=ProcrustesConfig())
+    assert len(rows) == 3 * len(names)  # 3 seed pairs
+    same = [r for r in rows if (r["seed_a"], r["seed_b"]) == (1, 3)]
+    assert all(math.isnan(r["reduction"]) for r in same)  # identical: nothing to reduce
+    assert not any(math.isnan(r["reduction"]) for r in rows if r not in same)
+    with pytest.raises(ValueError, match="adjacent"):
+        ProcrustesConfig(layer_pairs="nearby")

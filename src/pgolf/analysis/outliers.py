@@ -7,15 +7,21 @@ flags rows and elements of a perfectly Gaussian matrix too, so the null's values
 beside each statistic (the mean over `draws` Gaussian matrices, and their SD).
 """
 
+from pathlib import Path
+
 import numpy as np
 import torch
+
+from pgolf.plot import figure
 
 DEFINITION = (
     "Per quantizable matrix: excess kurtosis of all elements; outlier rows and columns (L2 norm "
     "> mean + 3 SD of the norms) as counts; the fraction of elements with |w| > mean|w| + 3 "
-    "SD|w|; max|w| / SD. Each *_null column is the mean of the same statistic over Gaussian "
-    "matrices of the tensor's shape (its SD in *_null_sd): a statistic is notable only as far "
-    "as it departs from its null.")
+    "SD|w|; max|w| / SD.")
+NULL = (
+    "Each *_null column is the mean of the same statistic over Gaussian matrices of the tensor's "
+    "shape (its SD over the draws in *_null_sd): a 3-SD rule flags rows and elements of a "
+    "Gaussian matrix too, so a statistic is notable only as far as it departs from its null.")
 STATISTICS = ("excess_kurtosis", "outlier_rows", "outlier_cols", "outlier_elements", "max_over_sd")
 
 
@@ -60,3 +66,21 @@ def outlier_table(state: dict[str, torch.Tensor], names: list[str], *, draws: in
         rows.append({"tensor": name, "rows": shape[0], "cols": shape[1], **statistics(W),
                      **nulls[shape]})
     return rows
+
+
+def plot_outliers(rows: list[dict], out: Path) -> None:
+    """Excess kurtosis and outlier-element fraction per tensor, each beside its Gaussian null."""
+    y = np.arange(len(rows))
+    with figure(out, size=(10, max(4.0, 0.28 * len(rows) + 1.5)), panels=2) as axes:
+        for ax, key, label in zip(axes, ("excess_kurtosis", "outlier_elements"),
+                                  ("excess kurtosis", "fraction of outlier elements"),
+                                  strict=True):
+            ax.barh(y, [r[key] for r in rows], color="tab:blue", label="trained")
+            ax.errorbar([r[f"{key}_null"] for r in rows], y,
+                        xerr=[2 * r[f"{key}_null_sd"] for r in rows], fmt="|", color="black",
+                        capsize=2, label="Gaussian null +- 2 SD")
+            ax.set(xlabel=label)
+            ax.set_yticks(y, [] if ax is axes[1] else
+                          [r["tensor"].removesuffix(".weight") for r in rows], fontsize=7)
+            ax.invert_yaxis()
+            ax.legend(fontsize=8)
