@@ -11,6 +11,7 @@ import pytest
 from conftest import Workflow, make_workflow, write_jsonl
 from safetensors import safe_open
 
+from pgolf.analysis.table import read_analysis
 from pgolf.data.shards import list_shards
 from pgolf.io import read_json
 from pgolf.model.gpt import GPTConfig, quantizable_matrices
@@ -19,9 +20,12 @@ from pgolf.quant.artifact import read_artifact
 pytestmark = pytest.mark.slow
 DATA = "results/tiny/data"
 EVALS = {"eval", "seeds", "submission", "all"}
+# what reads the artifacts besides the evaluation: figures and analyses
+ARTIFACT_READERS = {"allocation_plots", "analysis_loops", "analysis_generation", "analysis_damage"}
 QUANTIZERS = {"sweep_baseline", "sweep", "block_groups", "sensitivity", "allocate", "artifact",
-              *EVALS}
-AFTER_TRAIN = {"train", "hessians", "eval_prequant", *QUANTIZERS}
+              *ARTIFACT_READERS, *EVALS}
+MODEL_READERS = {"loss_curves", "analysis_outliers", "analysis_procrustes", "analysis_skips"}
+AFTER_TRAIN = {"train", "hessians", "eval_prequant", *MODEL_READERS, *QUANTIZERS}
 DATA_RULES = {"tokenizer", "shards", "window_scores", "curriculum", *AFTER_TRAIN}
 TINY_MODEL = {"num_layers": 2, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1,
               "loop_start": 0, "loop_end": 0, "num_loops": 1, "rope_train_seq_len": 64}
@@ -43,6 +47,9 @@ def tiny_config(docs, **overrides):
         "allocate": {"policies": ["uniform", "rd"], "rd": {"budget": "policy:uniform"}},
         "eval": {"max_tokens": 2048, "stride": 16, "batch_seqs": 16},
         "ttt": {"chunk_tokens": 512, "epochs": 1, "lr": 0.01, "batch_seqs": 4},
+        "analysis": {"windows": 4, "batch_seqs": 4, "loops": {"iterations": 3, "bootstrap": 100},
+                     "outliers": {"draws": 2},
+                     "generation": {"prompts": 2, "prompt_tokens": 8, "new_tokens": 8}},
         "seeds": [1],
     }
     for key, value in overrides.items():
@@ -143,6 +150,44 @@ def test_full_run_writes_every_data_artifact(finished):
     assert finished.planned() == {}
 
 
+ANALYSES = {"outliers": "analysis_outliers", "procrustes_layers": "analysis_procrustes",
+            "skips": "analysis_skips", "loops": "analysis_loops",
+            "generation": "analysis_generation", "damage": "analysis_damage"}
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_analysis_carries_its_definition_and_null(finished):
+    folder = finished.path("results/tiny/seed1/analysis")
+    for name, stage in ANALYSES.items():
+        rows, meta = read_analysis(folder / f"{name}.parquet")
+        assert rows and len(meta["definition"]) > 100 and len(meta["null"]) > 100
+        assert meta["provenance"]["stage"] == stage and meta["provenance"]["inputs"]
+        assert (folder / f"{name}.png").read_bytes()[:8] == PNG
+    # spot checks against the stages' own outputs
+    damage = {r["policy"]: r for r in read_analysis(folder / "damage.parquet")[0]}
+    for policy, row in damage.items():
+        evals = [read_json(finished.path(f"results/tiny/seed1/eval/{policy}/{mode}.json"))
+                 for mode in ("prequant", "roundtrip")]
+        assert row["measured_dbpb"] == pytest.approx(evals[1]["bpb"] - evals[0]["bpb"],
+                                                     abs=1e-12)
+        assert row["predicted_dbpb"] == read_json(finished.path(
+            f"results/tiny/seed1/alloc/{policy}.json"))["predicted"]["dbpb"]
+    loops = read_analysis(folder / "loops.parquet")[0]
+    assert {r["variant"] for r in loops} == {"float", "uniform", "rd"}
+    assert len(read_analysis(folder / "skips.parquet")[0]) == 1  # [0, 0 | 1]: one skip
+    for plot in ("loss_curves.png", "seed1/allocation.png", "seed1/bytes.png"):
+        assert finished.path(f"results/tiny/{plot}").read_bytes()[:8] == PNG
+
+
+def test_the_report_holds_the_figures_with_captions(finished):
+    finished.run("--report", "report.html")
+    html = finished.path("report.html").read_text()
+    for name in [*ANALYSES, "curriculum", "sensitivity", "loss_curves", "allocation", "bytes",
+                 "seeds.md"]:
+        assert name in html, name
+    assert "shared random stream" in html or "same Gumbel" in html  # a caption, rendered
+
+
 def test_config_edits_rerun_exactly_their_stages(finished):
     config = tiny_config(finished.docs, manifest={"num_buckets": 5})
     finished.write_config(config)
@@ -162,7 +207,8 @@ def test_config_edits_rerun_exactly_their_stages(finished):
     finished.write_config({**config, "gptq": {"damp": 0.02}})
     assert set(finished.planned()) == requantize  # re-quantizes only
     finished.write_config({**config, "sweep": {**config["sweep"], "bits": [4, 6, 7, 8]}})
-    assert set(finished.planned()) == {"sweep", "sensitivity", "allocate", "artifact", *EVALS}
+    assert set(finished.planned()) == {"sweep", "sensitivity", "allocate", "artifact",
+                                       *ARTIFACT_READERS, *EVALS}
 
 
 def test_eval_edits_rerun_only_their_modes(finished):
@@ -174,8 +220,8 @@ def test_eval_edits_rerun_only_their_modes(finished):
     # sliding and ttt
     assert finished.planned() == {"eval": 4, "seeds": 1, "submission": 1, "all": 1}
     finished.write_config({**config, "eval": {**config["eval"], "max_tokens": 1024}})
-    assert finished.planned() == {"eval_prequant": 1, "eval": 6, "seeds": 1, "submission": 1,
-                                  "all": 1}
+    assert finished.planned() == {"eval_prequant": 1, "eval": 6, "analysis_damage": 1, "seeds": 1,
+                                  "submission": 1, "all": 1}
     finished.write_config({**config, "eval": {**config["eval"],
                                               "modes": ["prequant", "roundtrip"]}})
     assert finished.planned() == {"seeds": 1, "submission": 1, "all": 1}
@@ -185,13 +231,15 @@ def test_budget_edits_rerun_only_allocation_and_packing(finished):
     config = tiny_config(finished.docs)
     finished.write_config({**config, "allocate": {**config["allocate"],
                                                   "rd": {"budget": 50_000}}})
-    # rd's allocation and artifact, not uniform's, and rd's three artifact evaluations
-    assert finished.planned() == {"allocate": 1, "artifact": 1, "eval": 3, "seeds": 1,
+    # rd's allocation and artifact, not uniform's, rd's three artifact evaluations, and the
+    # seed's figures and analyses that read every policy's artifact
+    readers = dict.fromkeys(ARTIFACT_READERS, 1)
+    assert finished.planned() == {"allocate": 1, "artifact": 1, "eval": 3, **readers, "seeds": 1,
                                   "submission": 1, "all": 1}
     finished.write_config({**config, "allocate": {**config["allocate"],
                                                   "uniform": {"matrix_bits": 8}}})
     # uniform's artifact sets rd's budget, so both policies follow
-    assert finished.planned() == {"allocate": 2, "artifact": 2, "eval": 6, "seeds": 1,
+    assert finished.planned() == {"allocate": 2, "artifact": 2, "eval": 6, **readers, "seeds": 1,
                                   "submission": 1, "all": 1}
 
 
@@ -208,12 +256,16 @@ def test_touch_reruns_nothing_and_code_edits_rerun_their_stage(finished):
     assert edited(finished, "src/pgolf/data/encode.py") == {"shards", "window_scores",
                                                             "curriculum", *after_train}
     assert edited(finished, "src/pgolf/train/muon.py") == after_train
-    assert edited(finished, "src/pgolf/quant/gptq.py") == QUANTIZERS
+    # the skip analysis scores through the sweep's helpers, so it follows quantizer edits
+    assert edited(finished, "src/pgolf/quant/gptq.py") == {*QUANTIZERS, "analysis_skips"}
     # the evaluator reads artifacts, so its every mode follows a codec edit
-    assert edited(finished, "src/pgolf/quant/codec.py") == {"eval_prequant", *QUANTIZERS}
-    assert edited(finished, "src/pgolf/eval/ttt.py") == {"allocate", "artifact", "eval_prequant",
-                                                         *EVALS}  # decoder: code bytes
-    assert edited(finished, "src/pgolf/quant/allocate.py") == {"allocate", "artifact", *EVALS}
+    assert edited(finished, "src/pgolf/quant/codec.py") == {"eval_prequant", "analysis_skips",
+                                                            *QUANTIZERS}
+    assert edited(finished, "src/pgolf/eval/ttt.py") == {  # decoder: code bytes
+        "allocate", "artifact", "eval_prequant", *ARTIFACT_READERS, *EVALS}
+    assert edited(finished, "src/pgolf/quant/allocate.py") == {"allocate", "artifact",
+                                                               *ARTIFACT_READERS, *EVALS}
+    assert edited(finished, "src/pgolf/analysis/procrustes.py") == {"analysis_procrustes", "all"}
     assert edited(finished, "src/pgolf/eval/bpb.py") == AFTER_TRAIN  # train validates with it
     # tokenizer.py is imported by the tokenizer and shards stages, not by the corpus stage
     assert edited(finished, "src/pgolf/data/tokenizer.py") == DATA_RULES

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pgolf.analysis.stages import build_damage
+from pgolf.analysis.damage import build_damage
 from pgolf.stage import logged, provenance
 
 with logged(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)

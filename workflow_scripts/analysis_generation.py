@@ -2,8 +2,7 @@
 
 from pathlib import Path
 
-from pgolf.analysis.generation import GenerationConfig
-from pgolf.analysis.stages import build_generation
+from pgolf.analysis.generation import GenerationConfig, build_generation
 from pgolf.config import section
 from pgolf.stage import logged, provenance
 

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from pgolf.analysis.loops import LoopConfig
-from pgolf.analysis.stages import WindowsConfig, build_loops
+from pgolf.analysis.loops import LoopConfig, build_loops
+from pgolf.analysis.windows import WindowsConfig
 from pgolf.config import section
 from pgolf.stage import logged, provenance
 

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pgolf.analysis.stages import build_outliers
+from pgolf.analysis.outliers import build_outliers
 from pgolf.stage import logged, provenance
 
 with logged(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)

@@ -2,8 +2,7 @@
 
 from pathlib import Path
 
-from pgolf.analysis.procrustes import ProcrustesConfig
-from pgolf.analysis.stages import build_procrustes_layers
+from pgolf.analysis.procrustes import ProcrustesConfig, build_procrustes_layers
 from pgolf.config import section
 from pgolf.stage import logged, provenance
 

@@ -2,8 +2,7 @@
 
 from pathlib import Path
 
-from pgolf.analysis.procrustes import ProcrustesConfig
-from pgolf.analysis.stages import build_procrustes_seeds
+from pgolf.analysis.procrustes import ProcrustesConfig, build_procrustes_seeds
 from pgolf.config import section
 from pgolf.stage import logged, provenance
 

@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from pgolf.analysis.stages import WindowsConfig, build_skips
+from pgolf.analysis.skips import build_skips
+from pgolf.analysis.windows import WindowsConfig
 from pgolf.config import section
 from pgolf.stage import logged, provenance
 

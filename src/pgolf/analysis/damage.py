@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pgolf.analysis.table import write_analysis
 from pgolf.eval.seeds import chunk_paired
 from pgolf.io import read_json
 from pgolf.plot import figure
@@ -64,3 +65,16 @@ def plot_damage(rows: list[dict], out: Path) -> None:
         ax.set(xlabel="predicted dBPB (sum of sweep deltas)", ylabel="measured dBPB (roundtrip - "
                "prequant)", title="quantization damage")
         ax.legend()
+
+
+def build_damage(runs: dict[str, dict[str, Path]], sensitivity: Path, table: Path, plot: Path,
+                 *, provenance=None) -> list[dict]:
+    """runs: per policy its allocation, prequant and roundtrip files."""
+    rows = [damage_row(policy, files["allocation"], files["prequant"],
+                              files["roundtrip"], sensitivity)
+            for policy, files in runs.items()]
+    write_analysis(rows, table, definition=DEFINITION, null=NULL,
+                   provenance=provenance)
+    plot_damage(rows, plot)
+    return rows
+

@@ -19,6 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pgolf.analysis.table import write_analysis
+from pgolf.eval.bpb import val_stream
+from pgolf.eval.bpb import windows as val_windows
+from pgolf.eval.run import artifact_model
+from pgolf.model.checkpoint import load_model
 from pgolf.plot import figure
 
 DEFINITION = (
@@ -207,3 +212,30 @@ def plot_generation(rows: list[dict], out: Path) -> None:
         for ax in (ax_div, ax_kl):
             ax.set_xticks(sorted({row["prompt"] for row in per_prompt}))
             ax.legend(fontsize=8)
+
+
+def build_generation(model_path: Path, artifacts: dict[str, Path], shards: Path, table: Path,
+                     plot: Path, *, cfg: GenerationConfig, seq_len: int,
+                     provenance=None) -> list[dict]:
+    """Float against each artifact on the first validation windows as prompts."""
+    model = load_model(model_path).eval()
+    length = cfg.prompt_tokens + cfg.new_tokens
+    tokens, _ = val_windows(val_stream(shards), length, cfg.prompts)
+    if len(tokens) < cfg.prompts:
+        raise ValueError(f"{shards}: validation holds {len(tokens)} windows of {length} tokens, "
+                         f"analysis.generation.prompts = {cfg.prompts}")
+    tokens = torch.from_numpy(tokens).long()
+    prompts, continuations = tokens[:, :cfg.prompt_tokens], tokens[:, cfg.prompt_tokens:]
+    rows = compare(model, quantized(artifacts), prompts, continuations,
+                              cfg=cfg, max_context=seq_len)
+    rows = [{**row, "prompt": str(row["prompt"])} for row in rows]  # one parquet type
+    write_analysis(rows, table, definition=DEFINITION, null=NULL,
+                   provenance=provenance)
+    plot_generation([{**r, "prompt": int(r["prompt"])} for r in rows
+                                if r["prompt"] != "all"], plot)
+    return rows
+
+
+def quantized(artifacts: dict[str, Path]) -> dict:
+    """Each policy's model as its artifact stands for it (dequantized), in eval mode."""
+    return {policy: artifact_model(path).eval() for policy, path in artifacts.items()}

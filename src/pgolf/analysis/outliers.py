@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pgolf.analysis.inputs import matrices
+from pgolf.analysis.table import write_analysis
 from pgolf.plot import figure
 
 DEFINITION = (
@@ -84,3 +86,13 @@ def plot_outliers(rows: list[dict], out: Path) -> None:
                           [r["tensor"].removesuffix(".weight") for r in rows], fontsize=7)
             ax.invert_yaxis()
             ax.legend(fontsize=8)
+
+
+def build_outliers(model_path: Path, table: Path, plot: Path, *, draws: int,
+                   provenance=None) -> list[dict]:
+    state, names = matrices(model_path)
+    rows = outlier_table(state, names, draws=draws)
+    write_analysis(rows, table, definition=DEFINITION, null=NULL,
+                   provenance=provenance, draws=draws)
+    plot_outliers(rows, plot)
+    return rows

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pgolf.analysis.inputs import initial_state, matrices
+from pgolf.analysis.table import write_analysis
 from pgolf.plot import figure
 
 DEFINITION = (
@@ -156,3 +158,29 @@ def plot_procrustes(rows: list[dict], out: Path, *, label: str) -> None:
         ax.set_xticks(starts, [types[i] for i in starts], rotation=45, ha="right", fontsize=8)
         ax.set(ylabel="MSE reduction by the best rotation", title=f"Procrustes, {label}")
         ax.legend(fontsize=8)
+
+
+def build_procrustes_layers(model_path: Path, table: Path, plot: Path, *,
+                            cfg: ProcrustesConfig, provenance=None) -> list[dict]:
+    state, names = matrices(model_path)
+    rows = layer_table(state, names, cfg=cfg, init=initial_state(model_path, 0))
+    write_analysis(rows, table, definition=DEFINITION, null=NULL,
+                   provenance=provenance)
+    plot_procrustes(rows, plot, label="layer pairs of one model")
+    return rows
+
+
+def build_procrustes_seeds(model_paths: dict[int, Path], table: Path, plot: Path, *,
+                           cfg: ProcrustesConfig, provenance=None) -> list[dict]:
+    loaded = {seed: matrices(path) for seed, path in model_paths.items()}
+    names = next(iter(loaded.values()))[1]
+    if any(found != names for _, found in loaded.values()):
+        raise ValueError(f"cross-seed Procrustes needs one architecture: {list(model_paths)} "
+                         "differ in their quantizable matrices")
+    inits = {seed: initial_state(path, seed) for seed, path in model_paths.items()}
+    rows = seed_table({s: state for s, (state, _) in loaded.items()}, names, cfg=cfg,
+                                 inits=inits)
+    write_analysis(rows, table, definition=DEFINITION, null=NULL,
+                   provenance=provenance)
+    plot_procrustes(rows, plot, label="one matrix across seeds")
+    return rows

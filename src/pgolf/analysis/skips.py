@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from pgolf.analysis.table import write_analysis
+from pgolf.analysis.windows import WindowsConfig, model_subset
 from pgolf.model.gpt import GPT
 from pgolf.plot import figure
 from pgolf.quant.sweep import Subset, damage, prefix_cache, swapped, window_nlls
@@ -140,3 +142,15 @@ def plot_skips(rows: list[dict], out: Path) -> None:
                         yerr=[2 * r["ablation_noise_se"] for r in rows], fmt="o", capsize=3)
         ablate.axhline(0, color="grey", lw=0.8)
         ablate.set(xlabel="skip", ylabel="dBPB (2 SE bars)", title="ablation: skip removed")
+        for ax in (gates, norms, ablate):
+            ax.set_xticks(skips)
+
+
+def build_skips(model_path: Path, shards: Path, tokenizer: Path, table: Path, plot: Path, *,
+                cfg: WindowsConfig, seq_len: int, provenance=None) -> list[dict]:
+    model, subset = model_subset(model_path, shards, tokenizer, cfg=cfg, seq_len=seq_len)
+    rows = skip_rows(model, subset)
+    write_analysis(rows, table, definition=DEFINITION, null=NULL,
+                   provenance=provenance, bytes_scored=subset.num_bytes)
+    plot_skips(rows, plot)
+    return rows
