@@ -327,7 +327,11 @@ def train_threads():
     """CPU threads per training job: the cores shared by the seeds, so they train side by side
     (on 2 cores two 1-thread jobs finish ~20% sooner than one 2-thread job after the other).
     """
-    return max(1, (workflow.cores or 1) // len(SEEDS))
+    try:
+        cores = workflow.cores
+    except WorkflowError:  # --report and --lint give no core count; they run no job
+        cores = None
+    return max(1, (cores or 1) // len(SEEDS))
 
 
 def analysis_report(name):

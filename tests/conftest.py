@@ -55,10 +55,12 @@ class Workflow:
         path.write_text(yaml.safe_dump(config))
         return path
 
-    def run(self, *args: str, config: str | list = "test.yaml", check: bool = True):
+    def run(self, *args: str, config: str | list = "test.yaml", check: bool = True,
+            cores: str | None = "2"):
         configs = [config] if isinstance(config, str) else list(map(str, config))
         # --configfile takes several values, so targets and flags must come before it.
-        cmd = [sys.executable, "-m", "snakemake", "--cores", "2", *args, "--configfile", *configs]
+        cmd = [sys.executable, "-m", "snakemake", *(["--cores", cores] if cores else []), *args,
+               "--configfile", *configs]
         # shell rules launch `python` and `torchrun`: the ones beside this interpreter
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         result = subprocess.run(cmd, cwd=self.root, capture_output=True, text=True,

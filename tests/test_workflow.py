@@ -180,7 +180,7 @@ def test_every_analysis_carries_its_definition_and_null(finished):
 
 
 def test_the_report_holds_the_figures_with_captions(finished):
-    finished.run("--report", "report.html")
+    finished.run("--report", "report.html", cores=None)  # as the README says: no --cores
     html = finished.path("report.html").read_text()
     for name in [*ANALYSES, "curriculum", "sensitivity", "loss_curves", "allocation", "bytes",
                  "seeds.md"]:
@@ -225,6 +225,16 @@ def test_eval_edits_rerun_only_their_modes(finished):
     finished.write_config({**config, "eval": {**config["eval"],
                                               "modes": ["prequant", "roundtrip"]}})
     assert finished.planned() == {"seeds": 1, "submission": 1, "all": 1}
+
+
+def test_analysis_edits_rerun_only_that_analysis(finished):
+    config = tiny_config(finished.docs)
+    analysis = config["analysis"]
+    finished.write_config({**config, "analysis": {**analysis, "generation": {
+        **analysis["generation"], "temperature": 1.0}}})
+    assert finished.planned() == {"analysis_generation": 1, "all": 1}
+    finished.write_config({**config, "analysis": {**analysis, "windows": 3}})
+    assert finished.planned() == {"analysis_loops": 1, "analysis_skips": 1, "all": 1}
 
 
 def test_budget_edits_rerun_only_allocation_and_packing(finished):
