@@ -68,8 +68,9 @@ rule seeds:
         ),
     output:
         stats=f"results/{RUN}/seeds.json",
-        table=report(
-            f"results/{RUN}/seeds.md",
+        table=f"results/{RUN}/seeds.md",
+        page=report(
+            f"results/{RUN}/seeds.html",
             caption="captions/seeds.rst",
             category="Evaluation",
         ),

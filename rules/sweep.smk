@@ -78,11 +78,13 @@ rule sensitivity:
             seed_path("sensitivity.png"),
             caption="captions/sensitivity.rst",
             category="Quantization",
+            subcategory="seed {seed}",
         ),
         groups_plot=report(
             seed_path("sensitivity_groups.png"),
             caption="captions/sensitivity_groups.rst",
             category="Quantization",
+            subcategory="seed {seed}",
         ),
     log:
         log("sensitivity_seed{seed}"),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from pgolf.eval.seeds import markdown, seed_statistics
+from pgolf.eval.seeds import html_page, markdown, seed_statistics
 from pgolf.eval.stats import incomplete_beta, paired, spread, t_quantile, t_sf2
 
 
@@ -102,6 +102,11 @@ def test_seed_statistics_are_the_paired_statistics_of_the_eval_results():
         assert row["se"] > 0 and row["chunks"] == 3
     table = markdown(stats)
     assert "| 3 | rd |" in table and "n = 3, df = 2" in table
+    page = html_page(table)  # the report's copy: every Markdown table row, as HTML
+    rows = [line for line in table.splitlines() if line.startswith("|") and "---" not in line]
+    assert page.count("<tr>") == len(rows) and page.count("<table>") == 3
+    assert "<td>3</td><td>rd</td>" in page and "mean ± SD" in page
+    assert "&lt;b&gt;" in html_page("# x\n\n<b> is text")
 
 
 def test_one_seed_has_no_paired_statistics_and_strict_json():

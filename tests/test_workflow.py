@@ -183,7 +183,7 @@ def test_the_report_holds_the_figures_with_captions(finished):
     finished.run("--report", "report.html", cores=None)  # as the README says: no --cores
     html = finished.path("report.html").read_text()
     for name in [*ANALYSES, "curriculum", "sensitivity", "loss_curves", "allocation", "bytes",
-                 "seeds.md"]:
+                 "seeds.html"]:
         assert name in html, name
     assert "shared random stream" in html or "same Gumbel" in html  # a caption, rendered
 

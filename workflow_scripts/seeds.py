@@ -12,6 +12,7 @@ with logged(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
         [Path(p) for p in sm.input.artifacts],
         Path(sm.output.stats),
         Path(sm.output.table),
+        page=Path(sm.output.page),
         seeds=list(sm.params.seeds),
         policies=list(sm.params.policies),
         modes=list(sm.params.modes),

@@ -2,6 +2,7 @@
 of every mode with the artifact's bytes; across seeds the SD of each mode and paired differences
 between modes and between policies; within a run TTT against sliding, paired over chunks."""
 
+import html
 import math
 from pathlib import Path
 
@@ -126,11 +127,42 @@ def markdown(stats: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def html_page(text: str) -> str:
+    """The Markdown of `markdown()` (headings, paragraphs, pipe tables) as a standalone HTML page:
+    the report shows HTML inline, Markdown only as a download."""
+    body, table = [], []
+
+    def flush():
+        if table:
+            cells = [[html.escape(c.strip()) for c in row.strip("|").split("|")] for row in table
+                     if not set(row) <= set("|-")]
+            head, *rows = cells
+            body.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>"
+                                  for r in rows) + "</table>")
+            table.clear()
+    for line in text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("# "):
+            body.append(f"<h2>{html.escape(line[2:])}</h2>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    style = ("body{font-family:sans-serif;font-size:14px} table{border-collapse:collapse;"
+             "margin-bottom:1em} td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><style>{style}</style></head>"
+            f"<body>{''.join(body)}</body></html>\n")
+
+
 def write_seed_statistics(eval_paths: list[Path], artifact_paths: list[Path], out: Path,
                           table: Path, *, seeds: list, policies: list, modes: list,
+                          page: Path | None = None,
                           provenance: Provenance | None = None) -> dict:
     """The seeds stage: read seed{S}/eval/{policy}/{mode}.json and seed{S}/artifact/{policy}.json
-    (keys from their paths), write the statistics and the Markdown table."""
+    (keys from their paths), write the statistics, the Markdown table and its HTML page."""
     def seed_of(path: Path) -> int:
         return int(next(p.name for p in path.parents if p.name.startswith("seed"))[4:])
     evals = {(seed_of(p), p.parent.name, p.stem): read_json(p) for p in eval_paths}
@@ -138,5 +170,8 @@ def write_seed_statistics(eval_paths: list[Path], artifact_paths: list[Path], ou
     stats = seed_statistics(evals, artifacts, seeds=seeds, policies=policies, modes=modes)
     stats["provenance"] = provenance.record() if provenance else None
     write_json(out, stats)
-    write_bytes(table, markdown(stats).encode())
+    text = markdown(stats)
+    write_bytes(table, text.encode())
+    if page is not None:
+        write_bytes(page, html_page(text).encode())
     return stats
