@@ -132,6 +132,7 @@ def final_targets():
         *sensitivity,
         f"results/{RUN}/seeds.json",
         f"results/{RUN}/seeds.md",
+        f"results/{RUN}/seeds.html",
         f"results/{RUN}/submission",
         *analysis_targets(),
         f"results/{RUN}/loss_curves.png",
