@@ -13,6 +13,7 @@ from pgolf.analysis.procrustes import (
     rotation,
     seed_table,
 )
+from pgolf.model.gpt import GPT, GPTConfig
 
 
 def random_orthogonal(n: int, seed: int) -> torch.Tensor:
@@ -88,3 +89,16 @@ def test_tables_pair_layers_of_one_type_and_seeds_of_one_matrix():
     assert not any(math.isnan(r["reduction"]) for r in rows if r not in same)
     with pytest.raises(ValueError, match="adjacent"):
         ProcrustesConfig(layer_pairs="nearby")
+
+
+def test_orthogonally_initialised_square_matrices_start_as_exact_rotations():
+    # why init_reduction is reported: before any training, c_q of two layers (orthogonal init,
+    # square) are related by a rotation exactly, far above the random null
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=64, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1)
+    state = GPT(cfg).state_dict()
+    names = [f"blocks.{i}.attn.c_q.weight" for i in range(3)]
+    rows = layer_table(state, names, cfg=ProcrustesConfig(), init=state)
+    for row in rows:
+        assert row["reduction"] == pytest.approx(1.0) == row["init_reduction"]
+        assert row["z"] > 10

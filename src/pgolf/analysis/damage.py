@@ -70,11 +70,10 @@ def plot_damage(rows: list[dict], out: Path) -> None:
 def build_damage(runs: dict[str, dict[str, Path]], sensitivity: Path, table: Path, plot: Path,
                  *, provenance=None) -> list[dict]:
     """runs: per policy its allocation, prequant and roundtrip files."""
-    rows = [damage_row(policy, files["allocation"], files["prequant"],
-                              files["roundtrip"], sensitivity)
+    rows = [damage_row(policy, files["allocation"], files["prequant"], files["roundtrip"],
+                       sensitivity)
             for policy, files in runs.items()]
-    write_analysis(rows, table, definition=DEFINITION, null=NULL,
-                   provenance=provenance)
+    write_analysis(rows, table, definition=DEFINITION, null=NULL, provenance=provenance)
     plot_damage(rows, plot)
     return rows
 

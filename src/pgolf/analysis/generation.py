@@ -226,13 +226,11 @@ def build_generation(model_path: Path, artifacts: dict[str, Path], shards: Path,
                          f"analysis.generation.prompts = {cfg.prompts}")
     tokens = torch.from_numpy(tokens).long()
     prompts, continuations = tokens[:, :cfg.prompt_tokens], tokens[:, cfg.prompt_tokens:]
-    rows = compare(model, quantized(artifacts), prompts, continuations,
-                              cfg=cfg, max_context=seq_len)
-    rows = [{**row, "prompt": str(row["prompt"])} for row in rows]  # one parquet type
-    write_analysis(rows, table, definition=DEFINITION, null=NULL,
-                   provenance=provenance)
-    plot_generation([{**r, "prompt": int(r["prompt"])} for r in rows
-                                if r["prompt"] != "all"], plot)
+    rows = compare(model, quantized(artifacts), prompts, continuations, cfg=cfg,
+                   max_context=seq_len)
+    plot_generation(rows, plot)
+    rows = [{**row, "prompt": str(row["prompt"])} for row in rows]  # one parquet column type
+    write_analysis(rows, table, definition=DEFINITION, null=NULL, provenance=provenance)
     return rows
 
 

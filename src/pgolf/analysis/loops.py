@@ -214,8 +214,7 @@ def build_loops(model_path: Path, artifacts: dict[str, Path], shards: Path, toke
     variants = {"float": model, **quantized(artifacts)}
     rows = [row for name, m in variants.items()
             for row in loop_rows(m, batches, cfg=cfg, variant=name)]
-    write_analysis(rows, table, definition=DEFINITION, null=NULL,
-                   provenance=provenance)
+    write_analysis(rows, table, definition=DEFINITION, null=NULL, provenance=provenance)
     plot_loops(rows, plot)
     return rows
 

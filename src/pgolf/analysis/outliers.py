@@ -92,7 +92,7 @@ def build_outliers(model_path: Path, table: Path, plot: Path, *, draws: int,
                    provenance=None) -> list[dict]:
     state, names = matrices(model_path)
     rows = outlier_table(state, names, draws=draws)
-    write_analysis(rows, table, definition=DEFINITION, null=NULL,
-                   provenance=provenance, draws=draws)
+    write_analysis(rows, table, definition=DEFINITION, null=NULL, provenance=provenance,
+                   draws=draws)
     plot_outliers(rows, plot)
     return rows

@@ -164,8 +164,7 @@ def build_procrustes_layers(model_path: Path, table: Path, plot: Path, *,
                             cfg: ProcrustesConfig, provenance=None) -> list[dict]:
     state, names = matrices(model_path)
     rows = layer_table(state, names, cfg=cfg, init=initial_state(model_path, 0))
-    write_analysis(rows, table, definition=DEFINITION, null=NULL,
-                   provenance=provenance)
+    write_analysis(rows, table, definition=DEFINITION, null=NULL, provenance=provenance)
     plot_procrustes(rows, plot, label="layer pairs of one model")
     return rows
 
@@ -179,8 +178,7 @@ def build_procrustes_seeds(model_paths: dict[int, Path], table: Path, plot: Path
                          "differ in their quantizable matrices")
     inits = {seed: initial_state(path, seed) for seed, path in model_paths.items()}
     rows = seed_table({s: state for s, (state, _) in loaded.items()}, names, cfg=cfg,
-                                 inits=inits)
-    write_analysis(rows, table, definition=DEFINITION, null=NULL,
-                   provenance=provenance)
+                      inits=inits)
+    write_analysis(rows, table, definition=DEFINITION, null=NULL, provenance=provenance)
     plot_procrustes(rows, plot, label="one matrix across seeds")
     return rows

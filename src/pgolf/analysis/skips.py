@@ -150,7 +150,7 @@ def build_skips(model_path: Path, shards: Path, tokenizer: Path, table: Path, pl
                 cfg: WindowsConfig, seq_len: int, provenance=None) -> list[dict]:
     model, subset = model_subset(model_path, shards, tokenizer, cfg=cfg, seq_len=seq_len)
     rows = skip_rows(model, subset)
-    write_analysis(rows, table, definition=DEFINITION, null=NULL,
-                   provenance=provenance, bytes_scored=subset.num_bytes)
+    write_analysis(rows, table, definition=DEFINITION, null=NULL, provenance=provenance,
+                   bytes_scored=subset.num_bytes)
     plot_skips(rows, plot)
     return rows
