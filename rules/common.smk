@@ -207,12 +207,19 @@ def eval_spec(mode):
     return json.dumps(spec, sort_keys=True)
 
 
+def gpu_slots(gpus):
+    """The command prefix that gives a local GPU job its own devices (pgolf.gpuslots: file locks
+    per device index, CUDA_VISIBLE_DEVICES; a no-op inside SLURM jobs). CPU jobs run as they are.
+    """
+    return f"python -m pgolf.gpuslots --gpus {gpus} -- " if gpus else ""
+
+
 def eval_launcher():
     """One process runs plainly; several run under torchrun (gloo on CPU, NCCL on GPUs)."""
     nproc = config["eval"]["nproc"]
     if nproc == 1:
-        return "python"
-    return f"torchrun --standalone --nproc_per_node={nproc}"
+        return f"{gpu_slots(eval_gpus())}python"
+    return f"{gpu_slots(eval_gpus())}torchrun --standalone --nproc_per_node={nproc}"
 
 
 def eval_gpus():

@@ -28,7 +28,9 @@ rule train:
         state_dir=lambda wildcards: f"results/{RUN}/.resume/seed{wildcards.seed}",
         code=stage_code("src/pgolf/train/main.py"),
     shell:
-        "torchrun --standalone --nproc_per_node={params.nproc} -m pgolf.train"
+        # a local GPU job claims its devices first (a prefix only when it has any)
+        gpu_slots(train_gpus())
+        + "torchrun --standalone --nproc_per_node={params.nproc} -m pgolf.train"
         " --spec {params.spec:q} --seed {wildcards.seed} --shards {input.shards}"
         " --manifest {input.manifest} --tokenizer {input.tokenizer}"
         " --state-dir {params.state_dir} --model {output.model} --meta {output.meta}"

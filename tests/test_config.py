@@ -66,6 +66,9 @@ def test_presets_validate_and_dry_run(workflow, preset):
     load_config(ROOT / "config.yaml", *files)
     result = workflow.run("-n", config=files)
     assert "train" in result.stdout and "Job stats:" in result.stdout
+    merged = load_config(ROOT / "config.yaml", *files)["train"]
+    if merged["device"] != "cpu":  # local GPU jobs claim their own devices
+        assert f"pgolf.gpuslots --gpus {merged['nproc']} -- torchrun" in result.stdout
 
 
 def schema_defaults(spec: dict) -> dict:
