@@ -45,13 +45,16 @@ def test_concurrent_jobs_never_share_a_device(tmp_path):
     assert max(h["end"] for h in held) - min(h["start"] for h in held) > 0.8
 
 
-def test_cpu_jobs_and_slurm_jobs_are_left_alone(tmp_path):
+def test_cpu_jobs_slurm_jobs_and_gpu_less_machines_are_left_alone(tmp_path):
     out = tmp_path / "held.jsonl"
     env = env_without("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID")
     subprocess.run(slot_cmd(0, tmp_path / "locks", out, hold=0), env=env, check=True)
     slurm = {**env, "SLURM_JOB_ID": "7", "CUDA_VISIBLE_DEVICES": "5"}  # set by SLURM itself
     subprocess.run(slot_cmd(2, tmp_path / "locks", out, hold=0), env=slurm, check=True)
-    assert [json.loads(line)["devices"] for line in out.read_text().splitlines()] == [None, "5"]
+    no_gpus = slot_cmd(1, tmp_path / "locks", out, devices=0, hold=0)  # device: auto on a CPU box
+    subprocess.run(no_gpus, env=env, check=True)
+    assert [json.loads(line)["devices"] for line in out.read_text().splitlines()] == [
+        None, "5", None]
     assert not (tmp_path / "locks").exists()  # nothing was claimed
 
 

@@ -5,7 +5,8 @@ one-GPU jobs would both see every device and both pick cuda:0. A job claims its 
 file per device index under a machine-wide folder, held (flock) for the life of the process and
 released by the kernel when it exits, however it exits; CUDA_VISIBLE_DEVICES then names exactly the
 claimed indices. Inside a SLURM job the scheduler has already set CUDA_VISIBLE_DEVICES, so nothing
-is claimed there.
+is claimed there; on a machine with no GPU at all nothing is claimed either (a `device: auto` job
+then runs on the CPU).
 
     python -m pgolf.gpuslots --gpus 2 -- torchrun --standalone --nproc_per_node=2 -m pgolf.train ...
 """
@@ -97,9 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.gpus > 0 and "SLURM_JOB_ID" not in os.environ:
+    pool = candidates(args.devices) if args.gpus > 0 and "SLURM_JOB_ID" not in os.environ else []
+    if pool:
         try:
-            ids, fds = claim(args.gpus, pool=candidates(args.devices), lock_dir=args.lock_dir)
+            ids, fds = claim(args.gpus, pool=pool, lock_dir=args.lock_dir)
         except (ValueError, TimeoutError) as err:
             print(f"pgolf.gpuslots: error: {err}", file=sys.stderr)
             return 1
