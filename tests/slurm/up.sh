@@ -19,6 +19,9 @@ if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null \
     || ! command -v munged >/dev/null || ! command -v sbatch >/dev/null; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends slurmctld slurmd slurm-client munge >/dev/null
+  # down.sh removes what was installed here: with SLURM's client tools on the PATH and no
+  # controller, every later snakemake call waits ~10 s in the SLURM plugin's import
+  touch /run/pgolf-slurm-installed
 fi
 say "packages present"
 
