@@ -217,9 +217,10 @@ def gpu_slots(gpus):
 def eval_launcher():
     """One process runs plainly; several run under torchrun (gloo on CPU, NCCL on GPUs)."""
     nproc = config["eval"]["nproc"]
-    if nproc == 1:
-        return f"{gpu_slots(eval_gpus())}python"
-    return f"{gpu_slots(eval_gpus())}torchrun --standalone --nproc_per_node={nproc}"
+    launcher = (
+        "python" if nproc == 1 else f"torchrun --standalone --nproc_per_node={nproc}"
+    )
+    return gpu_slots(eval_gpus()) + launcher
 
 
 def eval_gpus():
@@ -358,14 +359,17 @@ def analysis_windows():
 
 def analysis_targets():
     """Every analysis that applies to this run: loops need looped layers, damage needs the
-    prequant and roundtrip modes, cross-seed Procrustes two seeds."""
-    names = ["outliers", "procrustes_layers", "skips", "generation"]
-    if config["model"].get("num_loops"):
-        names.append("loops")
-    if {"prequant", "roundtrip"} <= set(config["eval"]["modes"]):
-        names.append("damage")
-    if not config["model"].get("skips", True):
-        names.remove("skips")
+    prequant and roundtrip modes, skips skip connections, cross-seed Procrustes two seeds.
+    """
+    applies = {
+        "outliers": True,
+        "procrustes_layers": True,
+        "generation": True,
+        "skips": config["model"].get("skips", True),
+        "loops": config["model"].get("num_loops"),
+        "damage": {"prequant", "roundtrip"} <= set(config["eval"]["modes"]),
+    }
+    names = [name for name, ok in applies.items() if ok]
     targets = expand(seed_path("analysis/{name}.parquet"), seed=SEEDS, name=names)
     if len(SEEDS) > 1:
         targets.append(f"results/{RUN}/analysis/procrustes_seeds.parquet")

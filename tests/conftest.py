@@ -39,6 +39,18 @@ def tokenizer_path(tmp_path_factory, sotu_texts) -> Path:
     return path
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread: the tensors of the analysis tests are tiny, and on a busy machine
+    intra-op threads only contend (5x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def write_jsonl(path: Path, texts) -> Path:
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     return path

@@ -14,16 +14,10 @@ from pgolf.analysis.table import read_analysis, write_analysis
 from pgolf.model.gpt import GPT, GPTConfig
 from pgolf.quant.sweep import Subset
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LOOPED = GPTConfig(vocab_size=64, num_layers=4, model_dim=32, num_heads=2, num_kv_heads=1,
                    loop_start=1, loop_end=2, num_loops=1, skip_gates=True)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def looped_model(trained: bool) -> GPT:

@@ -10,16 +10,9 @@ from torch import nn
 from pgolf.analysis.loops import LoopConfig, loop_rows, pass_starts, plot_loops
 from pgolf.model.gpt import GPT, GPTConfig, rms_norm
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = LoopConfig(iterations=6, bootstrap=200)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the tensors here are tiny: on a busy machine intra-op threads only contend (5x slower)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(**kw) -> GPTConfig:

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pgolf.analysis.artifacts import quantized_models
 from pgolf.analysis.table import write_analysis
 from pgolf.eval.bpb import val_stream
 from pgolf.eval.bpb import windows as val_windows
-from pgolf.eval.run import artifact_model
 from pgolf.model.checkpoint import load_model
 from pgolf.plot import figure
 
@@ -226,14 +226,10 @@ def build_generation(model_path: Path, artifacts: dict[str, Path], shards: Path,
                          f"analysis.generation.prompts = {cfg.prompts}")
     tokens = torch.from_numpy(tokens).long()
     prompts, continuations = tokens[:, :cfg.prompt_tokens], tokens[:, cfg.prompt_tokens:]
-    rows = compare(model, quantized(artifacts), prompts, continuations, cfg=cfg,
+    rows = compare(model, quantized_models(artifacts), prompts, continuations, cfg=cfg,
                    max_context=seq_len)
     plot_generation(rows, plot)
     rows = [{**row, "prompt": str(row["prompt"])} for row in rows]  # one parquet column type
     write_analysis(rows, table, definition=DEFINITION, null=NULL, provenance=provenance)
     return rows
 
-
-def quantized(artifacts: dict[str, Path]) -> dict:
-    """Each policy's model as its artifact stands for it (dequantized), in eval mode."""
-    return {policy: artifact_model(path).eval() for policy, path in artifacts.items()}

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pgolf.analysis.artifacts import quantized_models
 from pgolf.analysis.table import write_analysis
 from pgolf.analysis.windows import WindowsConfig, model_subset
-from pgolf.eval.run import artifact_model
 from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
 from pgolf.plot import figure
@@ -211,14 +211,10 @@ def build_loops(model_path: Path, artifacts: dict[str, Path], shards: Path, toke
     """The float model's loop contraction beside each quantized artifact's."""
     model, subset = model_subset(model_path, shards, tokenizer, cfg=windows, seq_len=seq_len)
     batches = [x for x, _ in subset.batches]
-    variants = {"float": model, **quantized(artifacts)}
+    variants = {"float": model, **quantized_models(artifacts)}
     rows = [row for name, m in variants.items()
             for row in loop_rows(m, batches, cfg=cfg, variant=name)]
     write_analysis(rows, table, definition=DEFINITION, null=NULL, provenance=provenance)
     plot_loops(rows, plot)
     return rows
 
-
-def quantized(artifacts: dict[str, Path]) -> dict:
-    """Each policy's model as its artifact stands for it (dequantized), in eval mode."""
-    return {policy: artifact_model(path).eval() for policy, path in artifacts.items()}

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pgolf.data.scores import read_metadata, write_table
 
@@ -19,6 +20,4 @@ def write_analysis(rows: list[dict], out: Path, *, definition: str, null: str, p
 
 def read_analysis(path: Path) -> tuple[list[dict], dict]:
     """The rows and metadata of an analysis table."""
-    import pyarrow.parquet as pq
-
     return pq.read_table(path).to_pylist(), read_metadata(Path(path))
