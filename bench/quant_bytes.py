@@ -1,6 +1,8 @@
 """Quantization figures on a trained model: artifact bytes side by side, GPTQ time, sweep cost.
 
-    python bench/quant_bytes.py [--run-dir results/demo/seed1] [--tokenizer ...] [--shards ...]
+    python bench/quant_bytes.py [--run-dir results/demo/seed1] [--data-dir results/demo/data]
+    python bench/quant_bytes.py --run-dir results/h100x1/seed42 --data-dir results/h100x1/data \
+        --seq-len 2048 --device cuda                     # the record model, GPTQ and sweep on a GPU
 
 Bytes (same GPTQ codes and scales, `uniform` allocation):
   pgolf     the packed artifact (each quantized tensor: context-modelled rANS over its codes and
@@ -54,14 +56,24 @@ def records_bytes(tensors: dict) -> int:
     return len(brotli.compress(shuffle_bytes(b"".join(parts), 2), quality=11))
 
 
-def quantize_timed(state, hessians, bits, cfg):
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def quantize_timed(state, hessians, bits, cfg, device):
+    """GPTQ of every quantized tensor on `device`, each timed alone; the codes come back to the
+    CPU for packing."""
     out, seconds = {}, {}
     for name, tensor in state.items():
         if name in bits:
+            W, H = tensor.to(device), hessians[name].to(device)
+            sync(device)
             start = time.perf_counter()
-            codes, scales = cfg.quantize(tensor, hessians[name], bits[name])
+            codes, scales = cfg.quantize(W, H, bits[name])
+            sync(device)
             seconds[name] = time.perf_counter() - start
-            out[name] = Quantized(codes, scales, bits[name])
+            out[name] = Quantized(codes.cpu(), scales.cpu(), bits[name])
         else:
             out[name] = tensor
     return out, seconds
@@ -85,7 +97,8 @@ def byte_figures(tensors: dict) -> None:
 
 
 def sweep_figures(model, hessians, subset, names, gptq) -> None:
-    """Both sweeps over every matrix, timed end to end (GPTQ and byte counts included in both)."""
+    """Both sweeps over every matrix, timed end to end (GPTQ and byte counts included in both;
+    the NLLs come back to the CPU in both, so no device work is left untimed)."""
     cfg = SweepConfig()
     start = time.perf_counter()
     base = window_nlls(model, prefix_cache(model, subset, 0), 0)  # the shared baseline stage
@@ -100,7 +113,7 @@ def sweep_figures(model, hessians, subset, names, gptq) -> None:
         original = dict(model.named_parameters())[name].detach()
         for bits in cfg.bits:  # the naive sweep: quantize, size, then a full evaluation
             codes, scales = gptq.quantize(original, hessians[name], bits)
-            quantized_bytes(codes.numpy(), scales.numpy(), bits)
+            quantized_bytes(codes.cpu().numpy(), scales.cpu().numpy(), bits)
             tick = time.perf_counter()
             with swapped(model, {name: dequantize(codes, scales)}):
                 damage(window_nlls(model, full, 0), base, subset.num_bytes)
@@ -119,22 +132,25 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("results/demo/data"))
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--windows", type=int, default=32, help="sweep subset (the demo's)")
+    parser.add_argument("--device", default="cpu", help="where GPTQ and the sweeps run")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(2)
     state = load_file(str(args.run_dir / "model.safetensors"))
-    hessians = load_file(str(args.run_dir / "hessians.safetensors"))
+    hessians = load_file(str(args.run_dir / "hessians.safetensors"), device=str(device))
     cfg = GPTQConfig()
     model_cfg = GPTConfig(**json.loads(read_header(args.run_dir / "model.safetensors")["config"]))
     bits = uniform_bits(model_cfg, matrix_bits=6, embed_bits=8)
-    tensors, seconds = quantize_timed(state, hessians, bits, cfg)
-    print(f"GPTQ: {len(seconds)} matrices in {sum(seconds.values()):.2f} s "
+    tensors, seconds = quantize_timed(state, hessians, bits, cfg, device)
+    print(f"GPTQ on {device}: {len(seconds)} matrices in {sum(seconds.values()):.2f} s "
           f"({sum(seconds.values()) / len(seconds) * 1000:.0f} ms per matrix, "
           f"max {max(seconds.values()) * 1000:.0f} ms)")
     byte_figures(tensors)
-    model = load_model(args.run_dir / "model.safetensors").eval()
+    model = load_model(args.run_dir / "model.safetensors", device).eval()
     subset = load_subset(args.data_dir / "shards", args.data_dir / "tokenizer.model",
                          model.cfg.vocab_size, windows=args.windows, seq_len=args.seq_len,
-                         batch_seqs=16)
+                         batch_seqs=16, device=device)
     sweep_figures(model, hessians, subset, list(bits), cfg)
 
 

@@ -3,6 +3,7 @@
     python bench/train_throughput.py                                   # the demo model, CPU
     python bench/train_throughput.py --configfile config.yaml configs/record-8xh100.yaml \
         configs/h100x1.yaml --device cuda                              # record model, one GPU
+    ... --profile 3 --trace step.json        # then where the time goes: the top ops, a trace
 
 Tokens are random (throughput does not depend on them). FLOPs per token = 6 x (matrix params in
 the virtual layer sequence + the LM head) + attention 6 x L_virtual x T x d (QK^T and AV, forward
@@ -63,6 +64,28 @@ def measure(run, steps: int, warmup: int, looping: bool) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def profile_steps(run, steps: int, looping: bool, trace: str | None) -> None:
+    """Where a step's time goes: torch.profiler over `steps` steps, the ops by their own time on
+    the device (CUDA) or the CPU; `trace` also writes a Chrome trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = run.dist.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    frac = 1.0 if looping else 0.0
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            set_schedule(run, frac)
+            train_step(run, frac)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(f"profile of {steps} step(s), looping {looping}, sorted by {key}:")
+    print(prof.key_averages().table(sort_by=key, row_limit=30))
+    if trace:
+        prof.export_chrome_trace(trace)
+        print(f"chrome trace: {trace}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configfile", nargs="+", default=["config.yaml"])
@@ -70,6 +93,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None)
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="then profile this many steps (looping on when the model loops)")
+    parser.add_argument("--trace", default=None, help="Chrome trace file of the profiled steps")
     args = parser.parse_args()
     config = load_config(*args.configfile)
     model_cfg = section(GPTConfig, {**config["model"],
@@ -94,6 +120,8 @@ def main() -> None:
         flops = flops_per_token(model_cfg, cfg.seq_len, looping) * tokens
         print(f"looping {looping!s:5}  {seconds * 1000:8.1f} ms/step  {tokens:12,.0f} tokens/s  "
               f"{flops / 1e12:7.3f} TFLOP/s  MFU {flops / peak:6.1%}")
+    if args.profile:
+        profile_steps(run, args.profile, bool(model_cfg.num_loops), args.trace)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,12 @@ def check_config():
         raise config_error(f"corpus.source={corpus['source']!r} needs corpus.path")
     if corpus["source"] == "shards" and not config["tokenizer"]["model"]:
         raise config_error("corpus.source='shards' needs tokenizer.model")
+    train = config["train"]
+    if train["loader"]["streams"] % train["nproc"]:
+        raise config_error(
+            f"train.nproc = {train['nproc']} must divide train.loader.streams = "
+            f"{train['loader']['streams']} (each rank reads whole streams)"
+        )
     allocate = config["allocate"]
     budget = str(allocate["rd"]["budget"])
     reference = budget.removeprefix("policy:")
@@ -113,9 +119,12 @@ def train_spec():
     return json.dumps({"model": model, "train": config["train"]}, sort_keys=True)
 
 
-def train_gpus():
-    """GPUs a training job holds: one per process on CUDA, none on the CPU."""
-    return config["train"]["nproc"] if config["train"]["device"] != "cpu" else 0
+def gpus(section):
+    """GPUs a job of this config section holds: one per process (train and eval run nproc) unless
+    its device is the CPU. `auto` counts as a GPU: where none exists the job runs on the CPU.
+    """
+    settings = config[section]
+    return settings.get("nproc", 1) if settings["device"] != "cpu" else 0
 
 
 def final_targets():
@@ -220,11 +229,7 @@ def eval_launcher():
     launcher = (
         "python" if nproc == 1 else f"torchrun --standalone --nproc_per_node={nproc}"
     )
-    return gpu_slots(eval_gpus()) + launcher
-
-
-def eval_gpus():
-    return config["eval"]["nproc"] if config["eval"]["device"] != "cpu" else 0
+    return gpu_slots(gpus("eval")) + launcher
 
 
 def eval_inputs(wildcards):

@@ -21,7 +21,7 @@ rule eval_prequant:
         "../envs/pgolf.yaml"
     threads: config["eval"]["nproc"]
     resources:
-        gpu=eval_gpus(),
+        gpu=gpus("eval"),
     params:
         spec=eval_spec("prequant"),
         launcher=eval_launcher(),
@@ -48,7 +48,7 @@ rule eval:
         "../envs/pgolf.yaml"
     threads: config["eval"]["nproc"]
     resources:
-        gpu=eval_gpus(),
+        gpu=gpus("eval"),
     params:
         spec=lambda wildcards: eval_spec(wildcards.mode),
         launcher=eval_launcher(),

@@ -15,7 +15,7 @@ rule hessians:
         "../envs/pgolf.yaml"
     threads: 8
     resources:
-        gpu=1 if config["hessian"]["device"] != "cpu" else 0,
+        gpu=gpus("hessian"),
     params:
         hessian=config["hessian"],
         seq_len=config["train"]["seq_len"],

@@ -15,8 +15,10 @@ rule sweep_baseline:
         bench("sweep_baseline_seed{seed}")
     conda:
         "../envs/pgolf.yaml"
+    resources:
+        gpu=gpus("sweep"),
     params:
-        sweep=sweep_params("windows", "batch_seqs"),
+        sweep=sweep_params("windows", "batch_seqs", "device"),
         seq_len=config["train"]["seq_len"],
         code=stage_code("sweep_baseline.py"),
     script:
@@ -35,8 +37,10 @@ rule sweep:
     conda:
         "../envs/pgolf.yaml"
     threads: 1
+    resources:
+        gpu=gpus("sweep"),
     params:
-        sweep=sweep_params("bits", "windows", "batch_seqs"),
+        sweep=sweep_params("bits", "windows", "batch_seqs", "device"),
         gptq=config["gptq"],
         seq_len=config["train"]["seq_len"],
         code=stage_code("sweep.py"),
@@ -56,8 +60,10 @@ rule block_groups:
     conda:
         "../envs/pgolf.yaml"
     threads: 1
+    resources:
+        gpu=gpus("sweep"),
     params:
-        sweep=sweep_params("group_bits", "bootstrap", "windows", "batch_seqs"),
+        sweep=sweep_params("group_bits", "bootstrap", "windows", "batch_seqs", "device"),
         gptq=config["gptq"],
         seq_len=config["train"]["seq_len"],
         code=stage_code("block_groups.py"),

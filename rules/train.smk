@@ -21,7 +21,7 @@ rule train:
         "../envs/pgolf.yaml"
     threads: train_threads()
     resources:
-        gpu=train_gpus(),
+        gpu=gpus("train"),
     params:
         spec=train_spec(),
         nproc=config["train"]["nproc"],
@@ -29,7 +29,7 @@ rule train:
         code=stage_code("src/pgolf/train/main.py"),
     shell:
         # a local GPU job claims its devices first (a prefix only when it has any)
-        gpu_slots(train_gpus())
+        gpu_slots(gpus("train"))
         + "torchrun --standalone --nproc_per_node={params.nproc} -m pgolf.train"
         " --spec {params.spec:q} --seed {wildcards.seed} --shards {input.shards}"
         " --manifest {input.manifest} --tokenizer {input.tokenizer}"

@@ -68,7 +68,7 @@ class Workflow:
         return path
 
     def run(self, *args: str, config: str | list = "test.yaml", check: bool = True,
-            cores: str | None = "2"):
+            cores: str | None = "2", env: dict | None = None):
         configs = [config] if isinstance(config, str) else list(map(str, config))
         # --configfile takes several values, so targets and flags must come before it.
         cmd = [sys.executable, "-m", "snakemake", *(["--cores", cores] if cores else []), *args,
@@ -76,7 +76,7 @@ class Workflow:
         # shell rules launch `python` and `torchrun`: the ones beside this interpreter
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
         result = subprocess.run(cmd, cwd=self.root, capture_output=True, text=True,
-                                env={**os.environ, "PATH": path})
+                                env={**os.environ, "PATH": path, **(env or {})})
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}")
         return result

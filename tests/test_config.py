@@ -1,5 +1,6 @@
 """Config schema: defaults, errors that name the file and value, and every preset dry-runs."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -66,9 +67,26 @@ def test_presets_validate_and_dry_run(workflow, preset):
     load_config(ROOT / "config.yaml", *files)
     result = workflow.run("-n", config=files)
     assert "train" in result.stdout and "Job stats:" in result.stdout
-    merged = load_config(ROOT / "config.yaml", *files)["train"]
-    if merged["device"] != "cpu":  # local GPU jobs claim their own devices
-        assert f"pgolf.gpuslots --gpus {merged['nproc']} -- torchrun" in result.stdout
+    merged = load_config(ROOT / "config.yaml", *files)
+    train = merged["train"]
+    if train["device"] != "cpu":  # local GPU jobs claim their own devices
+        assert f"pgolf.gpuslots --gpus {train['nproc']} -- torchrun" in result.stdout
+    gpus = planned_gpus(result.stdout)
+    assert gpus["train"] == {train["nproc"] if train["device"] != "cpu" else 0}
+    for rule, key in (("sweep", "sweep"), ("hessians", "hessian"), ("eval", "eval")):
+        settings = merged[key]
+        assert gpus[rule] == {settings.get("nproc", 1) if settings["device"] != "cpu" else 0}
+    assert gpus["shards"] == gpus["artifact"] == {0}
+
+
+def planned_gpus(dry_run: str) -> dict[str, set[int]]:
+    """The `gpu` resource of every planned job, by rule (0 when the job has none)."""
+    gpus = {}
+    for block in re.split(r"\n(?:local)?rule ", dry_run)[1:]:
+        rule = block.split(":", 1)[0]
+        found = re.search(r"resources:.*\bgpu=(\d+)", block)
+        gpus.setdefault(rule, set()).add(int(found.group(1)) if found else 0)
+    return gpus
 
 
 def schema_defaults(spec: dict) -> dict:

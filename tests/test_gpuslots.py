@@ -88,3 +88,21 @@ def test_a_killed_job_releases_its_devices(tmp_path):
     assert ids == ["0", "1"]
     with pytest.raises(TimeoutError):
         claim(1, pool=["0", "1"], lock_dir=tmp_path / "locks", timeout=0.3)
+
+
+def test_script_jobs_hold_distinct_devices_in_process(tmp_path):
+    # what a script rule does (pgolf.stage.claim_gpus): hold, then keep working in this process
+    script = ("import os, sys, time; from pgolf.gpuslots import hold; ids = hold(1); "
+              "print(os.environ['CUDA_VISIBLE_DEVICES'], ','.join(ids), flush=True); "
+              "time.sleep(float(sys.argv[1]))")
+    env = {**env_without("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID"), "PGOLF_GPU_DEVICES": "2",
+           "PGOLF_GPU_LOCKS": str(tmp_path / "locks")}
+    first = subprocess.Popen([sys.executable, "-c", script, "5"], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert first.stdout.readline().split() == ["0", "0"]  # holds device 0 for 5 s
+    second = subprocess.run([sys.executable, "-c", script, "0"], env=env, text=True,
+                            capture_output=True, check=True)
+    assert second.stdout.split() == ["1", "1"]
+    assert "pgolf.gpuslots: this job holds GPU 1" in second.stderr  # named in the job's log
+    first.kill()
+    first.wait()

@@ -132,3 +132,30 @@ def test_amplification_factor_and_its_interval():
     assert low < result["amplification"] < high and high - low < 0.05
     none = amplification({k: v for k, v in diffs.items() if not v[2]}, 6, resamples=10)
     assert none["amplification"] is None and "looped" in none["why_none"]
+
+
+def test_a_baseline_from_another_kind_of_device_is_refused(setup, tmp_path):
+    import numpy as np
+    import pyarrow as pa
+
+    from pgolf.data.scores import write_table
+    from pgolf.quant.sweep import read_baseline
+
+    _, subset, base = setup
+    path = tmp_path / "sweep_baseline.parquet"
+    meta = {"windows": subset.windows, "bytes_scored": subset.num_bytes, "device": "cuda"}
+    write_table(pa.table({"window": np.arange(len(base)), "nll_nats": base.numpy()}), path, meta)
+    assert torch.equal(read_baseline(path, subset, "cuda"), base)
+    with pytest.raises(ValueError, match=r"sweep_baseline.parquet: baseline scored on cuda, but "
+                                         r"this sweep job runs on cpu"):
+        read_baseline(path, subset, "cpu")
+
+
+def test_device_settings_are_checked():
+    from pgolf.train.distributed import pick_device
+
+    assert pick_device("cpu", "sweep.device").type == "cpu"
+    if not torch.cuda.is_available():
+        assert pick_device("auto", "sweep.device").type == "cpu"
+        with pytest.raises(ValueError, match="sweep.device = 'cuda' but no CUDA device"):
+            pick_device("cuda", "sweep.device")

@@ -1,6 +1,7 @@
 """The real workflow, run by the snakemake CLI on a tiny config: outputs, reruns, bad input."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from conftest import Workflow, make_workflow, write_jsonl
 from safetensors import safe_open
 
 from pgolf.analysis.table import read_analysis
+from pgolf.data.scores import read_metadata
 from pgolf.data.shards import list_shards
 from pgolf.io import read_json
 from pgolf.model.gpt import GPTConfig, quantizable_matrices
@@ -42,7 +44,7 @@ def tiny_config(docs, **overrides):
         "manifest": {"num_buckets": 4},
         "model": TINY_MODEL,
         "train": TINY_TRAIN,
-        "hessian": {"batches": 2, "batch_seqs": 4},
+        "hessian": {"batches": 2, "batch_seqs": 4, "device": "auto"},
         "sweep": {"bits": [4, 6, 8], "windows": 8, "batch_seqs": 8, "bootstrap": 100},
         "allocate": {"policies": ["uniform", "rd"], "rd": {"budget": "policy:uniform"}},
         "eval": {"max_tokens": 2048, "stride": 16, "batch_seqs": 16},
@@ -63,7 +65,8 @@ def finished_once(tmp_path_factory, sotu_texts):
     workflow = make_workflow(tmp_path_factory.mktemp("finished"))
     write_jsonl(workflow.root / "docs.jsonl", sotu_texts[:30])
     workflow.write_config(tiny_config("docs.jsonl"))  # relative: copies keep the same params
-    workflow.run()
+    # two fake GPUs: the jobs that hold GPUs claim them (and, with no CUDA, run on the CPU)
+    workflow.run(env={"PGOLF_GPU_DEVICES": "2", "PGOLF_GPU_LOCKS": str(workflow.root / "locks")})
     return workflow
 
 
@@ -148,6 +151,19 @@ def test_full_run_writes_every_data_artifact(finished):
         "train_seed1.log", "train_seed1.json", "eval_seed1_rd_ttt.log"}
     assert f"val_bpb {ttt['bpb']:.5f}" in (folder / "README.md").read_text()
     assert finished.planned() == {}
+
+
+def test_gpu_jobs_claim_a_device_and_cpu_jobs_none(finished):
+    logs = {p.stem: p.read_text() for p in finished.path("results/tiny/logs").glob("*.log")}
+    holders = {name for name, text in logs.items() if "pgolf.gpuslots: this job holds GPU" in text}
+    # device auto: Hessians and the sweep stages hold a GPU; train.device and eval.device are cpu
+    expected = {"hessians_seed1", "sweep_baseline_seed1", "block_groups_seed1",
+                *(name for name in logs if name.startswith("sweep_seed1_"))}
+    assert holders == expected and len(expected) > 6
+    for name in holders:
+        assert re.search(r"holds GPU [01]\n", logs[name]), name
+    meta = read_metadata(finished.path("results/tiny/seed1/sweep_baseline.parquet"))
+    assert meta["device"] == "cpu"  # the fake devices are not CUDA: auto fell back
 
 
 ANALYSES = {"outliers": "analysis_outliers", "procrustes_layers": "analysis_procrustes",
@@ -322,6 +338,9 @@ def test_bad_config_values_name_the_file_and_value(workflow, tmp_path):
     assert "test.yaml" in text and "eval.stride = 100 must be at most the eval seq_len (64)" in text
     text = failing_run(workflow, tiny_config(tmp_path / "d.jsonl", manifest={"num_bucket": 3}))
     assert "'num_bucket' was unexpected" in text
+    train = {**TINY_TRAIN, "nproc": 2, "loader": {"streams": 3}}
+    text = failing_run(workflow, tiny_config(tmp_path / "d.jsonl", train=train))
+    assert "train.nproc = 2 must divide train.loader.streams = 3" in text
     assert not workflow.path("results").exists()
 
 

@@ -5,10 +5,11 @@ from pathlib import Path
 from pgolf.config import section
 from pgolf.quant.gptq import GPTQConfig
 from pgolf.quant.sweep import SweepConfig, build_sweep
-from pgolf.stage import logged, provenance
+from pgolf.stage import claim_gpus, logged, provenance
 
 with logged(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
     sm = snakemake  # noqa: F821
+    claim_gpus(sm)
     build_sweep(
         *(Path(sm.input[k]) for k in ("model", "hessians", "shards", "tokenizer", "baseline")),
         sm.wildcards.matrix,

@@ -4,10 +4,11 @@ from pathlib import Path
 
 from pgolf.config import section
 from pgolf.quant.sweep import SweepConfig, build_baseline
-from pgolf.stage import logged, provenance
+from pgolf.stage import claim_gpus, logged, provenance
 
 with logged(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
     sm = snakemake  # noqa: F821
+    claim_gpus(sm)
     build_baseline(
         Path(sm.input.model),
         Path(sm.input.shards),

@@ -8,7 +8,12 @@ claimed indices. Inside a SLURM job the scheduler has already set CUDA_VISIBLE_D
 is claimed there; on a machine with no GPU at all nothing is claimed either (a `device: auto` job
 then runs on the CPU).
 
+Shell rules launch through the CLI; script rules call `hold` before torch touches CUDA:
+
     python -m pgolf.gpuslots --gpus 2 -- torchrun --standalone --nproc_per_node=2 -m pgolf.train ...
+
+PGOLF_GPU_DEVICES overrides the device count (tests use fake devices) and PGOLF_GPU_LOCKS the
+lock folder.
 """
 
 import argparse
@@ -21,17 +26,20 @@ import tempfile
 import time
 from pathlib import Path
 
-DEFAULT_LOCKS = Path(tempfile.gettempdir()) / "pgolf-gpu-locks"
+DEFAULT_LOCKS = Path(os.environ.get("PGOLF_GPU_LOCKS")
+                     or Path(tempfile.gettempdir()) / "pgolf-gpu-locks")
+HELD: list[int] = []  # lock fds this process holds: open until it exits
 
 
 def candidates(devices: int | None = None) -> list[str]:
     """Device indices a job may claim: CUDA_VISIBLE_DEVICES when the user restricted them, else
-    0..devices-1 (`devices` given, or counted by nvidia-smi; none without it)."""
+    0..devices-1 (`devices` given, else PGOLF_GPU_DEVICES, else nvidia-smi's count)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         return [d.strip() for d in visible.split(",") if d.strip()]
     if devices is None:
-        devices = count_gpus()
+        override = os.environ.get("PGOLF_GPU_DEVICES")
+        devices = int(override) if override else count_gpus()
     return [str(i) for i in range(devices)]
 
 
@@ -96,18 +104,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def hold(gpus: int, *, devices: int | None = None, lock_dir: Path = DEFAULT_LOCKS) -> list[str]:
+    """Claim `gpus` devices for the rest of this process and make them its CUDA_VISIBLE_DEVICES
+    (call it before torch first touches CUDA), and say which on stderr (the job's log). The ids
+    claimed; none for CPU jobs, inside SLURM jobs and on machines without GPUs."""
+    pool = candidates(devices) if gpus > 0 and "SLURM_JOB_ID" not in os.environ else []
+    if not pool:
+        return []
+    torch = sys.modules.get("torch")
+    assert torch is None or not torch.cuda.is_initialized(), "claim GPUs before CUDA starts"
+    ids, fds = claim(gpus, pool=pool, lock_dir=lock_dir)
+    HELD.extend(fds)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+    print(f"pgolf.gpuslots: this job holds GPU {','.join(ids)}", file=sys.stderr, flush=True)
+    return ids
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    pool = candidates(args.devices) if args.gpus > 0 and "SLURM_JOB_ID" not in os.environ else []
-    if pool:
-        try:
-            ids, fds = claim(args.gpus, pool=pool, lock_dir=args.lock_dir)
-        except (ValueError, TimeoutError) as err:
-            print(f"pgolf.gpuslots: error: {err}", file=sys.stderr)
-            return 1
-        for fd in fds:
-            os.set_inheritable(fd, True)  # the command holds the locks until it exits
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+    try:
+        hold(args.gpus, devices=args.devices, lock_dir=args.lock_dir)
+    except (ValueError, TimeoutError) as err:
+        print(f"pgolf.gpuslots: error: {err}", file=sys.stderr)
+        return 1
+    for fd in HELD:
+        os.set_inheritable(fd, True)  # the command holds the locks until it exits
     try:
         os.execvp(args.command[0], args.command)
     except FileNotFoundError:

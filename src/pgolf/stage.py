@@ -6,6 +6,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from pgolf import gpuslots
 from pgolf.provenance import Provenance
 
 
@@ -43,3 +44,9 @@ def provenance(snakemake, *, stage: str) -> Provenance:
     params = dict(snakemake.params.items())
     code = params.pop("code", None)
     return Provenance(stage=stage, config=params, code=code, inputs=list(snakemake.input))
+
+
+def claim_gpus(snakemake) -> None:
+    """Give a script rule's job the GPUs its `gpu` resource counts: distinct devices on a shared
+    machine (pgolf.gpuslots), named in its log."""
+    gpuslots.hold(int(getattr(snakemake.resources, "gpu", 0)))

@@ -142,7 +142,7 @@ def guard(args, result: dict, vocab_size: int, cfg: GuardConfig) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     spec = json.loads(args.spec)
-    dist = distributed.init((spec.get("eval") or {}).get("device", "cpu"))
+    dist = distributed.init((spec.get("eval") or {}).get("device", "cpu"), "eval.device")
     try:
         if args.threads and dist.device.type == "cpu":
             torch.set_num_threads(max(1, args.threads // dist.world))

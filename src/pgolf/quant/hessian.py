@@ -20,7 +20,7 @@ from pgolf.io import atomic_path
 from pgolf.model.checkpoint import load_model
 from pgolf.model.gpt import GPT, quantizable_matrices
 from pgolf.provenance import Provenance
-from pgolf.train.distributed import all_reduce
+from pgolf.train.distributed import all_reduce, pick_device
 
 
 def _accumulate(sums: dict, counts: dict, name: str, x: torch.Tensor) -> None:
@@ -83,8 +83,7 @@ class HessianConfig:
 def build_hessians(model_path: Path, shard_dir: Path, out: Path, *, cfg: HessianConfig,
                    seq_len: int, seed: int, provenance: Provenance | None = None) -> dict:
     """The Hessians stage: calibrate on *training* windows (never validation), looping active."""
-    device = torch.device("cuda" if cfg.device == "cuda" or (
-        cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = pick_device(cfg.device, "hessian.device")
     model = load_model(model_path, device).eval()
     model.looping = model.cfg.num_loops > 0  # calibrate the network that will be evaluated
     (stream,) = open_streams(LoaderConfig(sampler="shuffled", streams=1), shard_dir=shard_dir,

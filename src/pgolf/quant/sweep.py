@@ -27,6 +27,7 @@ from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT, rms_norm
 from pgolf.quant.artifact import quantized_bytes
 from pgolf.quant.gptq import GPTQConfig, dequantize, round_to_nearest, weighted_error
+from pgolf.train.distributed import pick_device
 
 
 @dataclass(kw_only=True)
@@ -36,6 +37,7 @@ class SweepConfig:
     windows: int = 64  # validation windows of seq_len in the fixed sweep subset
     batch_seqs: int = 16
     bootstrap: int = 2000  # resamples of windows for the amplification factor's interval
+    device: str = "auto"  # auto | cpu | cuda: the baseline and every sweep job must agree
 
 
 @dataclass
@@ -50,11 +52,12 @@ class Subset:
 
 
 def load_subset(shard_dir, tokenizer, vocab_size: int, *, windows: int, seq_len: int,
-                batch_seqs: int) -> Subset:
-    """The first `windows` validation windows, batched, and their byte count."""
+                batch_seqs: int, device: torch.device | str = "cpu") -> Subset:
+    """The first `windows` validation windows, batched on `device`, and their byte count."""
     lut = ByteLUT.from_tokenizer(load_tokenizer(tokenizer), vocab_size)
     x, y = val_windows(val_stream(shard_dir), seq_len, windows)
-    batches = [(torch.from_numpy(x[i:i + batch_seqs]), torch.from_numpy(y[i:i + batch_seqs]))
+    batches = [(torch.from_numpy(x[i:i + batch_seqs]).to(device),
+                torch.from_numpy(y[i:i + batch_seqs]).to(device))
                for i in range(0, len(x), batch_seqs)]
     return Subset(batches, int(target_bytes(x, y, lut).sum()))
 
@@ -76,7 +79,8 @@ def prefix_cache(model: GPT, subset: Subset, v: int) -> list:
 
 @torch.no_grad()
 def window_nlls(model: GPT, cached: list, v: int) -> torch.Tensor:
-    """Per-window NLL sums (nats, float64), resuming every batch at virtual position v."""
+    """Per-window NLL sums (nats, float64, on the CPU), resuming every batch at virtual position
+    v. In fp32 even on a GPU: bf16 rounding would swamp the smallest deltas (int8: ~1e-5 BPB)."""
     depth = len(model.cfg.layer_sequence(model.looping))
     out = []
     for state, x, y in cached:
@@ -86,7 +90,7 @@ def window_nlls(model: GPT, cached: list, v: int) -> torch.Tensor:
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(),
                                                 reduction="none")
         out.append(nll.view(y.shape).double().sum(dim=1))
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 @contextmanager
@@ -126,7 +130,7 @@ def sweep_matrix(model: GPT, name: str, H: torch.Tensor, subset: Subset, base: t
         codes, scales, clip = gptq.search(original, H, bits)
         with swapped(model, {name: dequantize(codes, scales)}):
             result = damage(window_nlls(model, cached, v), base, subset.num_bytes)
-        size = quantized_bytes(codes.numpy(), scales.numpy(), bits)
+        size = quantized_bytes(codes.cpu().numpy(), scales.cpu().numpy(), bits)
         rtn = round_to_nearest(original, scales, bits=bits)
         rows.append({"matrix": name, "bits": bits, "dbpb": result["dbpb"],
                      "noise_se": result["noise_se"], "bytes": size,
@@ -229,44 +233,61 @@ DEFINITION = (
     "bytes. clip_sigmas: the SDClip k used (searched per tensor when gptq.clip_search is set).")
 
 
+def open_model(model_path, shard_dir, tokenizer, *, cfg: SweepConfig,
+               seq_len: int) -> tuple[GPT, Subset]:
+    """The float model and the sweep subset, on the device sweep.device names."""
+    device = pick_device(cfg.device, "sweep.device")
+    model = load_model(model_path, device).eval()
+    subset = load_subset(shard_dir, tokenizer, model.cfg.vocab_size, windows=cfg.windows,
+                         seq_len=seq_len, batch_seqs=cfg.batch_seqs, device=device)
+    return model, subset
+
+
 def build_baseline(model_path, shard_dir, tokenizer, out, *, cfg: SweepConfig, seq_len: int,
                    provenance=None) -> torch.Tensor:
     """The float model's per-window NLL on the sweep subset: the baseline of every sweep job."""
-    model = load_model(model_path).eval()
-    subset = load_subset(shard_dir, tokenizer, model.cfg.vocab_size, windows=cfg.windows,
-                         seq_len=seq_len, batch_seqs=cfg.batch_seqs)
+    model, subset = open_model(model_path, shard_dir, tokenizer, cfg=cfg, seq_len=seq_len)
     nll = window_nlls(model, prefix_cache(model, subset, 0), 0)
     total = float(nll.sum())
     meta = {"bytes_scored": subset.num_bytes, "windows": len(nll), "seq_len": seq_len,
-            "bpb": total / math.log(2) / subset.num_bytes,
+            "bpb": total / math.log(2) / subset.num_bytes, "device": model_device(model),
             "provenance": provenance.record() if provenance else None}
     write_table(pa.table({"window": np.arange(len(nll)), "nll_nats": nll.numpy()}), out, meta)
     return nll
 
 
-def read_baseline(path, subset: Subset) -> torch.Tensor:
+def model_device(model: GPT) -> str:
+    return next(model.parameters()).device.type
+
+
+def read_baseline(path, subset: Subset, device: str) -> torch.Tensor:
+    """The baseline's per-window NLLs, refused unless they were scored on this subset on the same
+    kind of device (a CPU-vs-GPU difference in the float NLLs would bias every delta)."""
     meta = read_metadata(path)
     if meta["windows"] != subset.windows or meta["bytes_scored"] != subset.num_bytes:
         raise ValueError(f"{path}: baseline of {meta['windows']} windows / "
                          f"{meta['bytes_scored']} bytes does not match the sweep subset "
                          f"({subset.windows} / {subset.num_bytes})")
-    return torch.from_numpy(pq.read_table(path)["nll_nats"].to_numpy())
+    if meta.get("device", "cpu") != device:
+        raise ValueError(f"{path}: baseline scored on {meta.get('device', 'cpu')}, but this sweep "
+                         f"job runs on {device}: set sweep.device to one of them (the baseline "
+                         "and the sweep jobs must run on the same kind of device)")
+    return torch.tensor(pq.read_table(path)["nll_nats"].to_numpy())
 
 
-def load_hessians(path, names=None) -> dict[str, torch.Tensor]:
+def load_hessians(path, names=None, device: torch.device | str = "cpu") -> dict:
     """The Hessians of `names` (all when None): a sweep job reads only its own matrix's."""
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
         stored = set(f.keys())
         return {n: f.get_tensor(n) for n in (stored if names is None else names) if n in stored}
 
 
 def load_sweep_inputs(model_path, hessians_path, shard_dir, tokenizer, baseline, *,
                       cfg: SweepConfig, seq_len: int, names=None):
-    model = load_model(model_path).eval()
-    subset = load_subset(shard_dir, tokenizer, model.cfg.vocab_size, windows=cfg.windows,
-                         seq_len=seq_len, batch_seqs=cfg.batch_seqs)
-    return (model, load_hessians(hessians_path, names), subset,
-            read_baseline(baseline, subset))
+    model, subset = open_model(model_path, shard_dir, tokenizer, cfg=cfg, seq_len=seq_len)
+    device = model_device(model)
+    return (model, load_hessians(hessians_path, names, device), subset,
+            read_baseline(baseline, subset, device))
 
 
 def build_sweep(model_path, hessians_path, shard_dir, tokenizer, baseline, matrix: str, out, *,

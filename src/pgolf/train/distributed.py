@@ -20,20 +20,25 @@ class Dist:
         return self.rank == 0
 
 
-def init(device: str) -> Dist:
+def pick_device(setting: str, key: str) -> torch.device:
+    """The device a config's `auto | cpu | cuda` names here (`key` names the setting in errors)."""
+    if setting not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"{key}: unknown device {setting!r} (auto, cpu or cuda)")
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{key} = 'cuda' but no CUDA device is visible")
+    cuda = setting == "cuda" or (setting == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if cuda else "cpu")
+
+
+def init(device: str, key: str = "train.device") -> Dist:
     """Join the torchrun process group if there is one; pick this rank's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("train.device='cuda' but no CUDA device is visible")
+    dev = pick_device(device, key)
+    if dev.type == "cuda":
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
-    else:
-        dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
