@@ -19,7 +19,8 @@ run=results/h100x1
 
 case $step in
   machine)
-    cmd=(bash -c 'date -u; git rev-parse HEAD; nvidia-smi -L;
+    cmd=(bash -c 'date -u; git rev-parse HEAD 2>/dev/null || echo "commit: no .git here"
+      nvidia-smi -L;
       python -c "import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda)"') ;;
   train)
     cmd=(python bench/train_throughput.py --configfile "${stack[@]}" --device cuda --steps 20

@@ -234,30 +234,27 @@ DEFINITION = (
 
 
 def open_model(model_path, shard_dir, tokenizer, *, cfg: SweepConfig,
-               seq_len: int) -> tuple[GPT, Subset]:
-    """The float model and the sweep subset, on the device sweep.device names."""
+               seq_len: int) -> tuple[GPT, Subset, str]:
+    """The float model and the sweep subset on the device sweep.device names, and its kind."""
     device = pick_device(cfg.device, "sweep.device")
     model = load_model(model_path, device).eval()
     subset = load_subset(shard_dir, tokenizer, model.cfg.vocab_size, windows=cfg.windows,
                          seq_len=seq_len, batch_seqs=cfg.batch_seqs, device=device)
-    return model, subset
+    return model, subset, device.type
 
 
 def build_baseline(model_path, shard_dir, tokenizer, out, *, cfg: SweepConfig, seq_len: int,
                    provenance=None) -> torch.Tensor:
     """The float model's per-window NLL on the sweep subset: the baseline of every sweep job."""
-    model, subset = open_model(model_path, shard_dir, tokenizer, cfg=cfg, seq_len=seq_len)
+    model, subset, device = open_model(model_path, shard_dir, tokenizer, cfg=cfg,
+                                       seq_len=seq_len)
     nll = window_nlls(model, prefix_cache(model, subset, 0), 0)
     total = float(nll.sum())
     meta = {"bytes_scored": subset.num_bytes, "windows": len(nll), "seq_len": seq_len,
-            "bpb": total / math.log(2) / subset.num_bytes, "device": model_device(model),
+            "bpb": total / math.log(2) / subset.num_bytes, "device": device,
             "provenance": provenance.record() if provenance else None}
     write_table(pa.table({"window": np.arange(len(nll)), "nll_nats": nll.numpy()}), out, meta)
     return nll
-
-
-def model_device(model: GPT) -> str:
-    return next(model.parameters()).device.type
 
 
 def read_baseline(path, subset: Subset, device: str) -> torch.Tensor:
@@ -284,8 +281,8 @@ def load_hessians(path, names=None, device: torch.device | str = "cpu") -> dict:
 
 def load_sweep_inputs(model_path, hessians_path, shard_dir, tokenizer, baseline, *,
                       cfg: SweepConfig, seq_len: int, names=None):
-    model, subset = open_model(model_path, shard_dir, tokenizer, cfg=cfg, seq_len=seq_len)
-    device = model_device(model)
+    model, subset, device = open_model(model_path, shard_dir, tokenizer, cfg=cfg,
+                                       seq_len=seq_len)
     return (model, load_hessians(hessians_path, names, device), subset,
             read_baseline(baseline, subset, device))
 
