@@ -1,5 +1,6 @@
 """The SLURM profile against a real one-node SLURM (tests/slurm/up.sh, 2 fake GPUs): every job goes
-through sbatch, training asks for the GPUs of the config, the data rules for none."""
+through sbatch, training asks for the GPUs of the config, the Hessian, sweep and eval jobs for one
+each, the data rules for none."""
 
 import importlib.util
 import os
@@ -57,25 +58,27 @@ def test_the_profile_submits_every_job_with_the_configs_gpus(cluster, tmp_path, 
     workflow = make_workflow(tmp_path)
     write_jsonl(workflow.root / "docs.jsonl", sotu_texts[:30])
     # device auto: the jobs ask SLURM for GPUs, then run on its CPUs (the fake GPUs are no CUDA)
-    config = tiny_config("docs.jsonl", hessian={"device": "auto"},
+    config = tiny_config("docs.jsonl", hessian={"device": "auto"}, eval={"device": "auto"},
                          train={"device": "auto", "nproc": 2, "loader": {"streams": 2}})
     workflow.write_config(config)
-    target = "results/tiny/seed1/hessians.safetensors"
+    targets = [f"results/tiny/seed1/{name}" for name in (
+        "sweep/tok_emb.weight.parquet", "eval/uniform/prequant.json")]
     # no accounting daemon here: squeue answers the status queries; poll after 1 s, not 40;
     # the node has 2 CPUs, so no job may ask for more (the tokenizer asks for 8 threads, the
     # profile's training 8 CPUs per GPU)
-    workflow.run(target, "--profile", "profiles/slurm", "--slurm-status-command", "squeue",
+    workflow.run(*targets, "--profile", "profiles/slurm", "--slurm-status-command", "squeue",
                  "--slurm-init-seconds-before-status-checks", "1", "--max-threads", "2",
                  "--set-resources", "train:cpus_per_gpu=1", cores=None)
-    assert workflow.path(target).exists()
+    assert all(workflow.path(target).exists() for target in targets)
     mine = [job for job in jobs() if job["id"] not in before]
     rules = {re.sub(r"^rule_([a-z_]+?)(_wildcards.*)?$", r"\1", job["comment"]): job
              for job in mine}
     assert set(rules) == {"corpus", "tokenizer", "shards", "window_scores", "curriculum",
-                          "train", "hessians"}
+                          "train", "hessians", "sweep_baseline", "sweep", "eval_prequant"}
     assert all(job["state"] == "COMPLETED" for job in mine)
     assert rules["train"]["gpus"] == config["train"]["nproc"] == 2  # torchrun's processes
-    assert rules["hessians"]["gpus"] == 1
+    assert all(rules[name]["gpus"] == 1
+               for name in ("hessians", "sweep_baseline", "sweep", "eval_prequant"))
     assert all(rules[name]["gpus"] == 0 for name in ("corpus", "tokenizer", "shards"))
     log = workflow.path("results/tiny/logs/train_seed1.log").read_text()
     assert "world 2" in log  # two ranks under one SLURM job
