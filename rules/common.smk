@@ -29,6 +29,7 @@ def check_config():
         raise config_error(f"corpus.source={corpus['source']!r} needs corpus.path")
     if corpus["source"] == "shards" and not config["tokenizer"]["model"]:
         raise config_error("corpus.source='shards' needs tokenizer.model")
+    # the trainer checks this too; here it fails before any job runs (without importing torch)
     train = config["train"]
     if train["loader"]["streams"] % train["nproc"]:
         raise config_error(

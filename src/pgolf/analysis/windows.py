@@ -3,8 +3,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-from pgolf.model.checkpoint import load_model
-from pgolf.quant.sweep import load_subset
+from pgolf.quant.sweep import model_and_subset
 
 
 @dataclass(kw_only=True)
@@ -17,9 +16,7 @@ class WindowsConfig:
 
 def model_subset(model_path: Path, shards: Path, tokenizer: Path, *, cfg: WindowsConfig,
                  seq_len: int):
-    """The float model (eval mode) and the analysis windows."""
-    model = load_model(model_path).eval()
-    subset = load_subset(shards, tokenizer, model.cfg.vocab_size, windows=cfg.windows,
-                         seq_len=seq_len, batch_seqs=cfg.batch_seqs)
-    return model, subset
+    """The float model (eval mode) and the analysis windows, on the CPU."""
+    return model_and_subset(model_path, shards, tokenizer, windows=cfg.windows,
+                            batch_seqs=cfg.batch_seqs, seq_len=seq_len)
 

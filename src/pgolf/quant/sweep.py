@@ -233,13 +233,21 @@ DEFINITION = (
     "bytes. clip_sigmas: the SDClip k used (searched per tensor when gptq.clip_search is set).")
 
 
+def model_and_subset(model_path, shard_dir, tokenizer, *, windows: int, batch_seqs: int,
+                     seq_len: int, device: torch.device | str = "cpu") -> tuple[GPT, Subset]:
+    """The float model (eval mode) and the first `windows` validation windows, on `device`."""
+    model = load_model(model_path, device).eval()
+    subset = load_subset(shard_dir, tokenizer, model.cfg.vocab_size, windows=windows,
+                         seq_len=seq_len, batch_seqs=batch_seqs, device=device)
+    return model, subset
+
+
 def open_model(model_path, shard_dir, tokenizer, *, cfg: SweepConfig,
                seq_len: int) -> tuple[GPT, Subset, str]:
     """The float model and the sweep subset on the device sweep.device names, and its kind."""
     device = pick_device(cfg.device, "sweep.device")
-    model = load_model(model_path, device).eval()
-    subset = load_subset(shard_dir, tokenizer, model.cfg.vocab_size, windows=cfg.windows,
-                         seq_len=seq_len, batch_seqs=cfg.batch_seqs, device=device)
+    model, subset = model_and_subset(model_path, shard_dir, tokenizer, windows=cfg.windows,
+                                     batch_seqs=cfg.batch_seqs, seq_len=seq_len, device=device)
     return model, subset, device.type
 
 
