@@ -106,3 +106,11 @@ def test_script_jobs_hold_distinct_devices_in_process(tmp_path):
     assert "pgolf.gpuslots: this job holds GPU 1" in second.stderr  # named in the job's log
     first.kill()
     first.wait()
+
+
+def test_a_bad_device_count_is_named(tmp_path):
+    env = {**env_without("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID"), "PGOLF_GPU_DEVICES": "two"}
+    cmd = [sys.executable, "-m", "pgolf.gpuslots", "--gpus", "1", "--lock-dir",
+           str(tmp_path), "--", sys.executable, "-c", "pass"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert result.returncode == 1 and "PGOLF_GPU_DEVICES = 'two'" in result.stderr

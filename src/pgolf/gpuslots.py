@@ -38,7 +38,9 @@ def candidates(devices: int | None = None) -> list[str]:
     if visible is not None:
         return [d.strip() for d in visible.split(",") if d.strip()]
     if devices is None:
-        override = os.environ.get("PGOLF_GPU_DEVICES")
+        override = os.environ.get("PGOLF_GPU_DEVICES", "")
+        if override and not override.isdigit():
+            raise ValueError(f"PGOLF_GPU_DEVICES = {override!r}: a device count (0, 1, 2, ...)")
         devices = int(override) if override else count_gpus()
     return [str(i) for i in range(devices)]
 
