@@ -133,7 +133,7 @@ class Contract(nn.Module):
         super().__init__()
         self.a = a
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x0: torch.Tensor, mask=None) -> torch.Tensor:
         return x + self.a * (x0 - x)
 
 

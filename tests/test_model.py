@@ -63,7 +63,7 @@ class AddConstant(nn.Module):
         super().__init__()
         self.value = value
 
-    def forward(self, x, x0):
+    def forward(self, x, x0, mask=None):
         return x + self.value
 
 

@@ -94,7 +94,7 @@ def _pure_streams(model: GPT, idx: torch.Tensor, starts: list[int],
     looped = [model.blocks[i] for i in range(model.cfg.loop_start, model.cfg.loop_end + 1)]
     for _ in range(iterations):
         for block in looped:
-            x = block(x, x0)
+            x = block(x, x0, state.mask)
         yield x
 
 

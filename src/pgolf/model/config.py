@@ -26,9 +26,16 @@ class GPTConfig:
     loop_start: int | None = None  # physical layers loop_start..loop_end (inclusive) repeat
     loop_end: int | None = None
     num_loops: int = 0  # extra passes: the looped layers run num_loops + 1 times
-    parallel_from: int | None = None  # physical layers >= this use GPT-J parallel residuals
+    parallel_from: int | None = None  # physical layers >= this use parallel residuals
+    parallel_lanes: int = 1  # 1 = GPT-J (one stream); 2 = attention and MLP lanes, averaged
     xsa_last_n: int = 0  # exclusive self-attention on the last n physical layers
     embed_init_std: float = 0.005
+    smear_gate: bool = False  # each embedding adds a gated share of the previous token's
+    attn_gate: bool = False  # per-head sigmoid gate on the attention output
+    attn_gate_scale: float = 0.5
+    gate_window: int = 12  # the gates read the first gate_window channels of their input
+    doc_isolation: bool = False  # attention stays inside documents (split at bos_id)
+    bos_id: int = 1  # the tokenizer's BOS: where a document starts
 
     def __post_init__(self):
         if self.model_dim % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -45,6 +52,40 @@ class GPTConfig:
             if start is None or end is None or not 0 <= start <= end < self.num_layers:
                 raise ValueError(f"model: loop_start={start}, loop_end={end} must satisfy "
                                  f"0 <= start <= end < num_layers={self.num_layers}")
+        self._check_gates()
+        self._check_lanes()
+
+    def _check_gates(self):
+        if (self.smear_gate or self.attn_gate) and not 1 <= self.gate_window <= self.model_dim:
+            raise ValueError(f"model.gate_window = {self.gate_window}: must be in 1..model_dim = "
+                             f"{self.model_dim} (the gates read that many input channels)")
+        if (self.smear_gate or self.doc_isolation) and not 0 <= self.bos_id < self.vocab_size:
+            raise ValueError(f"model.bos_id = {self.bos_id}: must be a token id below vocab_size "
+                             f"= {self.vocab_size} (smear_gate and doc_isolation read it)")
+
+    def _check_lanes(self):
+        if self.parallel_lanes not in (1, 2):
+            raise ValueError(f"model.parallel_lanes = {self.parallel_lanes}: must be 1 or 2")
+        if self.parallel_lanes == 1:
+            return
+        if self.parallel_from is None:
+            raise ValueError("model.parallel_from = None: parallel_lanes = 2 needs the first "
+                             "two-lane layer")
+        for looping in (False, True):
+            seq, n_enc = self.layer_sequence(looping), len(self.split(looping)[0])
+            lanes = [p for p, layer in enumerate(seq) if self.two_lane(layer)]
+            # The skip stack carries one stream, and the lanes merge only at the end, so the
+            # two-lane layers must be the last virtual layers, all in the decoder.
+            if lanes and (lanes[0] < n_enc or lanes != list(range(lanes[0], len(seq)))):
+                raise ValueError(f"model.parallel_from = {self.parallel_from}: with "
+                                 f"parallel_lanes = 2 the layers from it must be the last "
+                                 f"virtual layers, all in the decoder (sequence {seq}, "
+                                 f"encoder length {n_enc})")
+
+    def two_lane(self, layer: int) -> bool:
+        """Whether physical layer `layer` runs as a two-lane parallel block."""
+        return self.parallel_lanes == 2 and self.parallel_from is not None \
+            and layer >= self.parallel_from
 
     @property
     def head_dim(self) -> int:

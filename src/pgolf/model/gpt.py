@@ -1,9 +1,10 @@
 """The record-family GPT: one config dataclass, every record feature a switch.
 
-Features and their semantics follow the Parameter Golf records (baseline, R0409): QK RMS-norm with a
-learned per-head q gain, partial RoPE, GQA, relu^2 / LeakyReLU^2 MLP, residual mix with the
-embedding stream, LN scale 1/sqrt(i+1), U-Net skips with sigmoid gates, depth recurrence (looped
-layers), GPT-J parallel residuals, XSA, tied embeddings and a logit softcap.
+Features and their semantics follow the Parameter Golf records (baseline, R0409, the 1.0611 SOTA):
+QK RMS-norm with a learned per-head q gain, partial RoPE, GQA, relu^2 / LeakyReLU^2 MLP, residual
+mix with the embedding stream, LN scale 1/sqrt(i+1), U-Net skips with sigmoid gates, depth
+recurrence (looped layers), GPT-J or two-lane parallel residuals, XSA, a sparse head-output gate,
+a BOS-masked SmearGate, document-isolated attention, tied embeddings and a logit softcap.
 """
 
 import math
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from pgolf.model.config import GPTConfig, quantizable_matrices  # noqa: F401 (re-exported)
 
@@ -53,20 +55,75 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d, d, bias=False)
         self.q_gain = nn.Parameter(torch.full((self.h,), cfg.qk_gain_init))
         self.rotary = Rotary(cfg)
+        # Sparse head-output gate: head h's output times sigmoid(scale * gate[h] . x[:window]).
+        # Zero-init, so every head starts at sigmoid(0) = 1/2.
+        self.gate = nn.Parameter(torch.zeros(self.h, cfg.gate_window)) if cfg.attn_gate else None
+        self.gate_scale, self.gate_window = cfg.attn_gate_scale, cfg.gate_window
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | BlockMask | None = None
+                ) -> torch.Tensor:
+        """x: the normed block input (B, T, d); mask: None (causal), or a document mask."""
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.h, self.hd)
         k = self.c_k(x).view(B, T, self.hkv, self.hd)
         v = self.c_v(x).view(B, T, self.hkv, self.hd)
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=self.hkv != self.h)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=mask)
         y = y.transpose(1, 2)  # (B, T, H, D)
         if self.xsa:
             y = exclude_self_value(y, v)
+        if self.gate is not None:
+            logits = F.linear(x[..., :self.gate_window], self.gate.to(x.dtype))
+            y = y * torch.sigmoid(self.gate_scale * logits)[..., None]
         return self.proj(y.reshape(B, T, -1))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+           mask: torch.Tensor | BlockMask | None) -> torch.Tensor:
+    """Causal attention (B, H, T, D), within documents when `mask` is given (see
+    document_mask); query heads are grouped over the key/value heads (GQA)."""
+    gqa = k.size(1) != q.size(1)
+    if isinstance(mask, BlockMask):
+        return _flex(q.is_cuda)(q, k, v, block_mask=mask, enable_gqa=gqa)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+_compiled_flex = None
+
+
+def _flex(cuda: bool):
+    """FlexAttention: compiled on CUDA (a fused, block-sparse kernel), eager elsewhere (the
+    reference implementation, which materialises the scores)."""
+    global _compiled_flex
+    if not cuda:
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def document_ids(idx: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """(B, T) index of each token's document: the count of BOS tokens up to and including it."""
+    return (idx == bos_id).cumsum(dim=1)
+
+
+def document_mask(idx: torch.Tensor, bos_id: int, *, block: bool | None = None
+                  ) -> torch.Tensor | BlockMask:
+    """Which keys each query may see: earlier tokens of its own document (itself included).
+
+    A boolean (B, 1, T, T) mask for SDPA, or with `block` (default: on CUDA) the same mask as a
+    FlexAttention BlockMask, which skips the blocks no query of the tile may see."""
+    doc = document_ids(idx, bos_id)
+    B, T = idx.shape
+    if block if block is not None else idx.is_cuda:
+        def same_document(b, h, q, kv):
+            return (kv <= q) & (doc[b, q] == doc[b, kv])
+        return create_block_mask(same_document, B, None, T, T, device=idx.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
 def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -106,26 +163,59 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)])) \
             if cfg.resid_mix else None
         self.norm_scale = 1 / math.sqrt(index + 1) if cfg.ln_scale else 1.0
-        self.parallel = cfg.parallel_from is not None and index >= cfg.parallel_from
+        self.two_lane = cfg.two_lane(index)
+        self.parallel = cfg.parallel_from is not None and index >= cfg.parallel_from \
+            and not self.two_lane
+        if self.two_lane:  # lane_k <- resid[k] lane_k + post[0, k] attn + post[1, k] mlp
+            self.lane_resid = nn.Parameter(torch.full((2,), 1.1))
+            self.lane_post = nn.Parameter(torch.ones(2, 2))
 
-    def forward(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
-        if self.resid_mix is not None:
-            mix = self.resid_mix.to(x.dtype)
-            x = mix[0] * x + mix[1] * x0
+    def mixed(self, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        if self.resid_mix is None:
+            return x
+        mix = self.resid_mix.to(x.dtype)
+        return mix[0] * x + mix[1] * x0
+
+    def forward(self, x: torch.Tensor, x0: torch.Tensor,
+                mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
+        x = self.mixed(x, x0)
         h = rms_norm(x) * self.norm_scale
         if self.parallel:  # attention and MLP read the same input
-            return x + self.attn_scale * self.attn(h) + self.mlp_scale * self.mlp(h)
-        x = x + self.attn_scale * self.attn(h)
+            return x + self.attn_scale * self.attn(h, mask) + self.mlp_scale * self.mlp(h)
+        x = x + self.attn_scale * self.attn(h, mask)
         return x + self.mlp_scale * self.mlp(rms_norm(x) * self.norm_scale)
+
+    def lanes(self, lane0: torch.Tensor, lane1: torch.Tensor, x0: torch.Tensor,
+              mask: torch.Tensor | BlockMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two-lane parallel block: attention reads lane 0 (mixed with x0), the MLP lane 1, and
+        each lane takes its own learned blend of both outputs. The mix only feeds attention:
+        lane 0 itself carries on unmixed."""
+        attn = self.attn_scale * self.attn(rms_norm(self.mixed(lane0, x0)) * self.norm_scale, mask)
+        mlp = self.mlp_scale * self.mlp(rms_norm(lane1) * self.norm_scale)
+        resid, post = self.lane_resid.to(lane0.dtype), self.lane_post.to(lane0.dtype)
+        return (resid[0] * lane0 + post[0, 0] * attn + post[1, 0] * mlp,
+                resid[1] * lane1 + post[0, 1] * attn + post[1, 1] * mlp)
 
 
 @dataclass
 class State:
     """What the network carries between virtual layers."""
 
-    x: torch.Tensor
+    x: torch.Tensor  # the residual stream; lane 0 once the two lanes have split
     x0: torch.Tensor
     stack: list
+    lane1: torch.Tensor | None = None  # lane 1 of two-lane parallel residuals, once split
+    mask: torch.Tensor | BlockMask | None = None  # document isolation (document_mask)
+
+
+def smear_previous(e: torch.Tensor, idx: torch.Tensor, *, weight: torch.Tensor,
+                   lam: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """SmearGate on the raw embeddings e (B, T, d): e_t + lam sigmoid(weight . e_t[:W]) e_{t-1},
+    except at BOS, so a document's first token never sees the previous document's last."""
+    window = weight.size(1)
+    g = lam.to(e.dtype) * torch.sigmoid(F.linear(e[:, 1:, :window], weight.to(e.dtype)))
+    keep = (idx[:, 1:] != bos_id).to(e.dtype)[..., None]
+    return torch.cat([e[:, :1], e[:, 1:] + g * keep * e[:, :-1]], dim=1)
 
 
 class GPT(nn.Module):
@@ -141,6 +231,9 @@ class GPT(nn.Module):
             if k and cfg.skip_gates else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size,
                                                                  bias=False)
+        if cfg.smear_gate:  # zero-init: the identity at start
+            self.smear_gate = nn.Parameter(torch.zeros(1, cfg.gate_window))
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -155,8 +248,14 @@ class GPT(nn.Module):
             nn.init.orthogonal_(self.lm_head.weight)
 
     def initial_state(self, idx: torch.Tensor) -> "State":
-        x0 = rms_norm(self.tok_emb(idx))
-        return State(x0, x0, [])
+        cfg = self.cfg
+        e = self.tok_emb(idx)
+        if cfg.smear_gate:
+            e = smear_previous(e, idx, weight=self.smear_gate, lam=self.smear_lambda,
+                               bos_id=cfg.bos_id)
+        x0 = rms_norm(e)
+        mask = document_mask(idx, cfg.bos_id) if cfg.doc_isolation else None
+        return State(x0, x0, [], mask=mask)
 
     def advance(self, state: "State", start: int, stop: int) -> "State":
         """Run virtual layers start..stop-1 from `state` (the residual stream, the embedding
@@ -164,8 +263,11 @@ class GPT(nn.Module):
         end push their outputs; each decoder position first pops one as its skip."""
         encoder, decoder = self.cfg.split(self.looping)
         sequence, n_enc = encoder + decoder, len(encoder)
-        x, x0, stack = state.x, state.x0, list(state.stack)
+        x, x0, stack, lane1, mask = state.x, state.x0, list(state.stack), state.lane1, state.mask
         for p in range(start, stop):
+            two_lane = self.cfg.two_lane(sequence[p])
+            if two_lane and lane1 is None:  # the lanes split before the first two-lane skip
+                lane1 = x
             j = p - n_enc
             if j >= 0 and self.skip_weights is not None and j < len(self.skip_weights) and stack:
                 skip = self.skip_weights[j].to(x.dtype) * stack.pop()
@@ -173,15 +275,24 @@ class GPT(nn.Module):
                     x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
                 else:
                     x = x + skip
-            x = self.blocks[sequence[p]](x, x0)
+            if two_lane:
+                x, lane1 = self.blocks[sequence[p]].lanes(x, lane1, x0, mask)
+            else:
+                x = self.blocks[sequence[p]](x, x0, mask)
             if j < 0:
                 stack.append(x)
-        return State(x, x0, stack)
+        return State(x, x0, stack, lane1=lane1, mask=mask)
+
+    def output(self, state: "State") -> torch.Tensor:
+        """The LM head's input after the last virtual layer: the normalised stream, or the
+        normalised mean of the two lanes."""
+        x = state.x if state.lane1 is None else 0.5 * (state.x + state.lane1)
+        return rms_norm(x)
 
     def hidden(self, idx: torch.Tensor) -> torch.Tensor:
         """Final normalised hidden states (B, T, d): the LM head's input."""
         depth = len(self.cfg.layer_sequence(self.looping))
-        return rms_norm(self.advance(self.initial_state(idx), 0, depth).x)
+        return self.output(self.advance(self.initial_state(idx), 0, depth))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight

@@ -24,7 +24,7 @@ from pgolf.eval.bpb import val_stream
 from pgolf.eval.bpb import windows as val_windows
 from pgolf.model.checkpoint import load_model
 from pgolf.model.config import GPTConfig
-from pgolf.model.gpt import GPT, rms_norm
+from pgolf.model.gpt import GPT
 from pgolf.quant.artifact import quantized_bytes
 from pgolf.quant.gptq import GPTQConfig, dequantize, round_to_nearest, weighted_error
 from pgolf.train.distributed import pick_device
@@ -86,7 +86,7 @@ def window_nlls(model: GPT, cached: list, v: int) -> torch.Tensor:
     for state, x, y in cached:
         # At v = 0 the embedding may be the changed matrix, so the start state is rebuilt.
         state = model.initial_state(x) if state is None else state
-        logits = model.logits(rms_norm(model.advance(state, v, depth).x))
+        logits = model.logits(model.output(model.advance(state, v, depth)))
         nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(),
                                                 reduction="none")
         out.append(nll.view(y.shape).double().sum(dim=1))
