@@ -98,7 +98,7 @@ def _flex(cuda: bool):
     """FlexAttention: compiled on CUDA (a fused, block-sparse kernel), eager elsewhere (the
     reference implementation, which materialises the scores)."""
     global _compiled_flex
-    if not cuda:
+    if not cuda or torch.compiler.is_compiling():  # inside a compiled model dynamo fuses it
         return flex_attention
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)

@@ -166,6 +166,10 @@ def run_training(args, spec, model_cfg: GPTConfig, cfg: TrainConfig, dist) -> in
     if shards_meta["vocab_size"] != model_cfg.vocab_size:
         raise ValueError(f"{args.shards}: tokenizer vocab {shards_meta['vocab_size']} does not "
                          f"match model.vocab_size={model_cfg.vocab_size}")
+    bos = shards_meta.get("bos_id", model_cfg.bos_id)
+    if (model_cfg.smear_gate or model_cfg.doc_isolation) and bos != model_cfg.bos_id:
+        raise ValueError(f"{args.shards}: tokenizer BOS {bos} does not match "
+                         f"model.bos_id={model_cfg.bos_id}")
     prov = Provenance(stage="train", config=spec, code=args.code,
                       inputs=[summary_path(args.shards), args.manifest, args.tokenizer])
     mine = list(range(dist.rank, cfg.loader.streams, dist.world))
