@@ -118,7 +118,7 @@ def document_mask(idx: torch.Tensor, bos_id: int, *, block: bool | None = None
     FlexAttention BlockMask, which skips the blocks no query of the tile may see."""
     doc = document_ids(idx, bos_id)
     B, T = idx.shape
-    if block if block is not None else idx.is_cuda:
+    if idx.is_cuda if block is None else block:
         def same_document(b, h, q, kv):
             return (kv <= q) & (doc[b, q] == doc[b, kv])
         return create_block_mask(same_document, B, None, T, T, device=idx.device)
