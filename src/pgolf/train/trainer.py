@@ -226,17 +226,20 @@ def sync_sharded(run: Run) -> None:
                            strict=True):
             g.copy_(mean.view_as(g))
     if cfg.grad_clip and not cfg.grad_clip_local:
-        shards = muon.sharded_grads()
-        square = torch.zeros((), device=run.dist.device)
-        for g in shards:
-            square += g.float().square().sum()
-        square = all_reduce(square)  # the shards are disjoint: their squares add up
-        for g in replicated:
-            square += g.float().square().sum()
-        # The coefficient of torch.nn.utils.clip_grad_norm_.
-        coef = (cfg.grad_clip / (square.sqrt() + 1e-6)).clamp(max=1.0)
-        for g in shards + replicated:
-            g.mul_(coef.to(g.dtype))
+        clip_sharded(muon.sharded_grads(), replicated, max_norm=cfg.grad_clip)
+
+
+def clip_sharded(shards: list, replicated: list, *, max_norm: float) -> None:
+    """clip_grad_norm_ of the global mean gradient, held as disjoint shards + replicated parts."""
+    square = torch.zeros((), device=replicated[0].device if replicated else shards[0].device)
+    for g in shards:
+        square += g.float().square().sum()
+    square = all_reduce(square)  # the shards are disjoint: their squares add up
+    for g in replicated:
+        square += g.float().square().sum()
+    coef = (max_norm / (square.sqrt() + 1e-6)).clamp(max=1.0)  # clip_grad_norm_'s coefficient
+    for g in shards + replicated:
+        g.mul_(coef.to(g.dtype))
 
 
 def should_stop(run: Run) -> bool:
