@@ -29,7 +29,9 @@ POLAR_EXPRESS_COEFFS = (
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
 SHARDINGS = ("round_robin", "sharded")
-# torch >= 2.13 names the single-tensor collectives *_single (the old names warn).
+# torch >= 2.13 names the single-tensor collectives *_single (the old names warn). They are the
+# NCCL reduce_scatter_tensor / all_gather_into_tensor; torch 2.13's gloo implements both, with
+# ReduceOp.AVG, so the CPU tests run the same communication (older gloo lacks reduce-scatter).
 _reduce_scatter = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
 _all_gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
 
