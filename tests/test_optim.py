@@ -54,9 +54,38 @@ def test_lr_schedule():
     cfg = ScheduleConfig(warmup_steps=10, warmdown_frac=0.5, min_lr=0.1)
     assert lr_multiplier(cfg, step=0, frac=0.0) == pytest.approx(0.1)
     assert lr_multiplier(cfg, step=20, frac=0.4) == 1.0
-    assert lr_multiplier(cfg, step=20, frac=0.75) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_multiplier(cfg, step=20, frac=0.75) == pytest.approx(0.5)
     assert lr_multiplier(cfg, step=20, frac=1.0) == pytest.approx(0.1)
     assert muon_momentum(step=250, start=0.85, end=0.95, warmup_steps=500) == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize(("frac", "expected"), [
+    (0.0, 1.0), (0.15, 1.0), (0.5, 0.5 / 0.85), (0.9, 0.1 / 0.85), (0.915, 0.1), (0.95, 0.1),
+    (1.0, 0.1)])
+def test_lr_schedule_of_the_sota_record(frac, expected):
+    # The record's lr_mul: 1 until 1 - warmdown_frac, then max((1 - frac) / warmdown_frac, min_lr):
+    # a floor (0.1 from frac = 0.915 on), not an interpolation towards min_lr.
+    cfg = ScheduleConfig(warmdown_frac=0.85, min_lr=0.1)
+    assert lr_multiplier(cfg, step=100, frac=frac) == pytest.approx(expected, abs=1e-12)
+
+
+def test_min_lr_zero_is_the_plain_linear_warmdown_bit_for_bit():
+    def before(cfg, step, frac):  # the schedule before min_lr had the record's meaning
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        if cfg.warmdown_frac > 0 and frac > 1 - cfg.warmdown_frac:
+            decay = max(0.0, (1 - frac) / cfg.warmdown_frac)
+            return warm * (cfg.min_lr + (1 - cfg.min_lr) * decay)
+        return warm
+
+    for cfg in (ScheduleConfig(), ScheduleConfig(warmup_steps=10, warmdown_frac=0.5)):
+        for step, frac in zip(range(0, 400, 4), np.linspace(0, 1, 100), strict=True):
+            assert lr_multiplier(cfg, step=step, frac=frac) == before(cfg, step, frac)
+
+
+@pytest.mark.parametrize("min_lr", [-0.1, 1.5])
+def test_min_lr_outside_the_unit_interval_is_refused(min_lr):
+    with pytest.raises(ValueError, match=rf"train.schedule.min_lr = {min_lr}: must be in"):
+        ScheduleConfig(min_lr=min_lr)
 
 
 def test_ema_follows_its_formula():
