@@ -83,8 +83,9 @@ def read_shard(path: str | Path) -> np.memmap:
 
 @dataclass
 class SplitStats:
-    """Per split counts for shards.json. bpb_bytes is what BPB divides by (tokenizer.count_bytes);
-    text_bytes is the documents' raw UTF-8 size (NFKC normalisation can make the two differ)."""
+    """Per split counts for shards.json. bpb_bytes is what BPB divides by (the LUT rule of
+    bytecount.count_bytes, or with CaseOps the sum of the val sidecar); text_bytes is the
+    documents' raw UTF-8 size (NFKC normalisation can make the two differ)."""
 
     docs: int = 0
     tokens: int = 0
@@ -94,7 +95,8 @@ class SplitStats:
     sidecars: list[dict] | None = None  # CaseOps val: the byte sidecar files
 
     def summary(self) -> dict:
-        per_token = self.bpb_bytes / self.tokens if self.tokens and self.bpb_bytes else None
+        known = self.tokens and self.bpb_bytes is not None
+        per_token = self.bpb_bytes / self.tokens if known else None
         extra = {} if self.sidecars is None else {"sidecars": self.sidecars}
         return {"docs": self.docs, "tokens": self.tokens, "bpb_bytes": self.bpb_bytes,
                 "text_bytes": self.text_bytes, "bytes_per_token": per_token,
