@@ -49,6 +49,7 @@ def doc_stream(encoded: list[list[int]], bos: int) -> np.ndarray:
 
 
 def open_tokenizer(tokenizer: Path, caseops_on: bool):
+    """The shards' tokenizer, checked to reserve the CaseOps controls exactly when caseops_on."""
     sp = load_tokenizer(tokenizer)
     caseops.check_tokenizer(sp, caseops=caseops_on, where=f"tokenizer model {tokenizer}")
     return sp
@@ -199,7 +200,7 @@ def upstream_sidecars(folder: Path) -> list[Path]:
 
 def import_sidecars(folder: Path, val: SplitStats, out_dir: Path, *, bos: int) -> None:
     """Check and link the sidecars of the val shards just linked; their sum is val's bpb_bytes."""
-    shards = [out_dir / s["file"] for s in val.shards]
+    shards = [Path(s["source"]) for s in val.shards]
     sidecars = upstream_sidecars(folder)
     check_sidecars(shards, sidecars, folder)
     val.sidecars, val.bpb_bytes = [], 0
