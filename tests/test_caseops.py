@@ -1,6 +1,7 @@
 """CaseOps: the transform and its inverse, the reserved control pieces, the val byte sidecar, and
 BPB dividing by the bytes of the original text in every consumer."""
 
+import json
 import os
 
 import numpy as np
@@ -339,3 +340,16 @@ def test_tokenizer_and_caseops_must_agree(tmp_path, caseops_shards, tokenizer_pa
     with pytest.raises(ValueError, match="set tokenizer.caseops = true"):
         import_shards(upstream_copy(caseops_shards[1], tmp_path / "up"), caseops_tokenizer,
                       tmp_path / "b")
+
+
+def test_a_caseops_folder_that_lost_its_sidecar_is_refused(caseops_shards, tmp_path,
+                                                           caseops_tokenizer):
+    summary, source = caseops_shards
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for path in list_shards(source, "val"):
+        os.link(path, folder / path.name)
+    (tmp_path / "shards.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match=rf"shard folder {folder}: no byte sidecar .*"
+                                         r"shards.json records tokenizer.caseops = true"):
+        byte_counter(folder, caseops_tokenizer)

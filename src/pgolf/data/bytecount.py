@@ -20,8 +20,9 @@ from pgolf.data.shards import (
     list_shards,
     list_sidecars,
     read_shard,
+    summary_path,
 )
-from pgolf.io import require_file
+from pgolf.io import read_json, require_file
 
 
 def load_tokenizer(path: str | Path, *,
@@ -112,9 +113,14 @@ class ByteCounter(Protocol):
 def byte_counter(shard_dir: str | Path, tokenizer: str | Path,
                  vocab_size: int | None = None) -> ByteCounter:
     """What BPB divides by on this shard folder's val stream: its CaseOps byte sidecar where the
-    shards stage wrote one (tokenizer.caseops), else the tokenizer's LUT (table of vocab_size)."""
+    shards stage wrote one (tokenizer.caseops), else the tokenizer's LUT (table of vocab_size).
+    A folder whose shards.json records CaseOps but that holds no sidecar is an error."""
     if list_sidecars(shard_dir):
         return SidecarBytes.from_folder(shard_dir)
+    summary = summary_path(shard_dir)
+    if summary.is_file() and read_json(summary).get("caseops"):
+        raise ValueError(f"shard folder {shard_dir}: no byte sidecar (fineweb_val_bytes_NNNNNN.bin)"
+                         f", but {summary} records tokenizer.caseops = true")
     return ByteLUT.from_tokenizer(load_tokenizer(tokenizer), vocab_size)
 
 
