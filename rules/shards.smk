@@ -16,6 +16,7 @@ rule shards:
     threads: 8
     params:
         shards=config["shards"],
+        caseops=config["tokenizer"]["caseops"],
         code=stage_code("shards.py"),
     script:
         "../workflow_scripts/shards.py"

@@ -17,5 +17,6 @@ with logged(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
         out_dir=Path(sm.output.shards),
         meta=Path(sm.output.meta),
         threads=sm.threads,
+        caseops_on=sm.params.caseops,
         provenance=provenance(sm, stage="shards"),
     )

@@ -1,14 +1,28 @@
 """Byte accounting for BPB: the UTF-8 bytes each predicted token stands for, as upstream counts
-them, and loading the tokenizer they come from. Evaluation needs only this, not the trainer."""
+them, and loading the tokenizer they come from. Evaluation needs only this, not the trainer.
+
+Two counters answer the same call, `target_bytes(prev, target, positions)`: the bytes charged to
+predicting `target` (the token at val-stream index `positions`) after `prev`. ByteLUT applies
+upstream's rule to the token pair; SidecarBytes (CaseOps) reads the original-text bytes the shards
+stage recorded per position. `byte_counter` picks the one a shard folder needs.
+"""
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import sentencepiece as spm
 
-from pgolf.data.shards import MAX_VOCAB
-from pgolf.io import require_file
+from pgolf.data.shards import (
+    MAX_VOCAB,
+    check_sidecars,
+    list_shards,
+    list_sidecars,
+    read_shard,
+    summary_path,
+)
+from pgolf.io import read_json, require_file
 
 
 def load_tokenizer(path: str | Path, *,
@@ -63,6 +77,51 @@ class ByteLUT:
                 piece = piece[1:]
             base[i] = len(piece.encode("utf-8"))
         return cls(base, lead, boundary)
+
+    def target_bytes(self, prev: np.ndarray, target: np.ndarray,
+                     positions: np.ndarray | None = None) -> np.ndarray:
+        """Upstream's rule on the token pairs (`positions` is not needed)."""
+        return target_bytes(prev, target, self)
+
+
+@dataclass(frozen=True)
+class SidecarBytes:
+    """CaseOps: per index of the val stream, the bytes of original text its token stands for
+    (BOS 0), from the shard folder's byte sidecar. BPB divides by these, not by the bytes of the
+    transformed text the tokens spell."""
+
+    values: np.ndarray
+
+    @classmethod
+    def from_folder(cls, folder: str | Path):
+        shards, sidecars = list_shards(folder, "val"), list_sidecars(folder)
+        check_sidecars(shards, sidecars, Path(folder))
+        return cls(np.concatenate([read_shard(p) for p in sidecars]))
+
+    def target_bytes(self, prev: np.ndarray, target: np.ndarray,
+                     positions: np.ndarray) -> np.ndarray:
+        """The recorded bytes at the targets' stream indices (the tokens themselves are not
+        needed)."""
+        return self.values[positions].astype(np.int64)
+
+
+class ByteCounter(Protocol):
+    def target_bytes(self, prev: np.ndarray, target: np.ndarray,
+                     positions: np.ndarray) -> np.ndarray: ...
+
+
+def byte_counter(shard_dir: str | Path, tokenizer: str | Path,
+                 vocab_size: int | None = None) -> ByteCounter:
+    """What BPB divides by on this shard folder's val stream: its CaseOps byte sidecar where the
+    shards stage wrote one (tokenizer.caseops), else the tokenizer's LUT (table of vocab_size).
+    A folder whose shards.json records CaseOps but that holds no sidecar is an error."""
+    if list_sidecars(shard_dir):
+        return SidecarBytes.from_folder(shard_dir)
+    summary = summary_path(shard_dir)
+    if summary.is_file() and read_json(summary).get("caseops"):
+        raise ValueError(f"shard folder {shard_dir}: no byte sidecar (fineweb_val_bytes_NNNNNN.bin)"
+                         f", but {summary} records tokenizer.caseops = true")
+    return ByteLUT.from_tokenizer(load_tokenizer(tokenizer), vocab_size)
 
 
 def target_bytes(prev: np.ndarray, target: np.ndarray, lut: ByteLUT) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 A shard is a header of 256 little-endian int32 (magic 20240520, version 1, token count, zeros)
 followed by that many little-endian uint16 token ids. Documents are BOS + tokens (no EOS) and run
-across shard boundaries; splits never share a shard.
+across shard boundaries; splits never share a shard. With CaseOps, each val shard has a byte
+sidecar of the same format (fineweb_val_bytes_NNNNNN.bin): per token, its bytes of original text.
 """
 
 import hashlib
@@ -23,6 +24,11 @@ SPLITS = ("val", "train")
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:06d}.bin"
+
+
+def sidecar_name(index: int) -> str:
+    """The CaseOps byte sidecar of val shard `index`, under upstream's name."""
+    return f"fineweb_val_bytes_{index:06d}.bin"
 
 
 def shard_bytes(tokens: np.ndarray) -> bytes:
@@ -77,27 +83,35 @@ def read_shard(path: str | Path) -> np.memmap:
 
 @dataclass
 class SplitStats:
-    """Per split counts for shards.json. bpb_bytes is what BPB divides by (tokenizer.count_bytes);
-    text_bytes is the documents' raw UTF-8 size (NFKC normalisation can make the two differ)."""
+    """Per split counts for shards.json. bpb_bytes is what BPB divides by (the LUT rule of
+    bytecount.count_bytes, or with CaseOps the sum of the val sidecar); text_bytes is the
+    documents' raw UTF-8 size (NFKC normalisation can make the two differ)."""
 
     docs: int = 0
     tokens: int = 0
-    bpb_bytes: int = 0
+    bpb_bytes: int | None = 0  # None: unknown (CaseOps train text, which has no sidecar)
     text_bytes: int | None = 0
     shards: list[dict] = field(default_factory=list)
+    sidecars: list[dict] | None = None  # CaseOps val: the byte sidecar files
 
     def summary(self) -> dict:
-        per_token = self.bpb_bytes / self.tokens if self.tokens else None
+        known = self.tokens and self.bpb_bytes is not None
+        per_token = self.bpb_bytes / self.tokens if known else None
+        extra = {} if self.sidecars is None else {"sidecars": self.sidecars}
         return {"docs": self.docs, "tokens": self.tokens, "bpb_bytes": self.bpb_bytes,
                 "text_bytes": self.text_bytes, "bytes_per_token": per_token,
-                "shards": self.shards}
+                "shards": self.shards, **extra}
 
 
 class ShardWriter:
-    """Cuts one split's token stream into fixed-size shards; documents may span two shards."""
+    """Cuts one split's token stream into fixed-size shards; documents may span two shards.
+    `records` (default stats.shards) lists the shards written, `name` names shard i."""
 
-    def __init__(self, directory: Path, split: str, shard_tokens: int, stats: SplitStats):
+    def __init__(self, directory: Path, split: str, shard_tokens: int, stats: SplitStats, *,
+                 records: list | None = None, name=None):
         self.directory, self.split, self.stats = Path(directory), split, stats
+        self.records = stats.shards if records is None else records
+        self.name = name or (lambda index: shard_name(split, index))
         self.buffer = np.empty(shard_tokens, dtype="<u2")
         self.filled = 0
 
@@ -113,9 +127,9 @@ class ShardWriter:
     def flush(self) -> None:
         if self.filled == 0:
             return
-        name = shard_name(self.split, len(self.stats.shards))
+        name = self.name(len(self.records))
         digest = write_shard(self.directory / name, self.buffer[:self.filled])
-        self.stats.shards.append({"file": name, "tokens": self.filled, "sha256": digest})
+        self.records.append({"file": name, "tokens": self.filled, "sha256": digest})
         self.filled = 0
 
 
@@ -139,3 +153,20 @@ def summary_path(directory: str | Path) -> Path:
 
 def list_shards(directory: str | Path, split: str) -> list[Path]:
     return sorted(Path(directory).glob(f"{split}_*.bin"))
+
+
+def list_sidecars(directory: str | Path) -> list[Path]:
+    """The CaseOps byte sidecars of a shard folder, in index order ([] without CaseOps)."""
+    return sorted(Path(directory).glob("fineweb_val_bytes_" + "[0-9]" * 6 + ".bin"))
+
+
+def check_sidecars(shards: list[Path], sidecars: list[Path], folder: Path) -> None:
+    """Sidecar i must hold one entry per token of val shard i."""
+    if len(sidecars) != len(shards):
+        raise ValueError(f"shard folder {folder}: {len(sidecars)} byte sidecar files "
+                         f"(fineweb_val_bytes_NNNNNN.bin) for {len(shards)} val shards")
+    for shard, sidecar in zip(shards, sidecars, strict=True):
+        tokens, entries = read_header(shard), read_header(sidecar)
+        if tokens != entries:
+            raise ValueError(f"byte sidecar {sidecar} holds {entries} entries, but its val shard "
+                             f"{shard} holds {tokens} tokens")

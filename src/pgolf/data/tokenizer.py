@@ -8,6 +8,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from pgolf.data import caseops
 from pgolf.data.bytecount import check_vocab_size, load_tokenizer
 from pgolf.data.corpus import read_jsonl, val_split
 from pgolf.io import read_json, write_bytes, write_json
@@ -38,6 +39,7 @@ class TokenizerConfig:
     max_sentence_length: int = 4192
     split_long_docs: bool = True
     input_sentence_size: int = 0
+    caseops: bool = False  # train on CaseOps text, its control symbols reserved (data.caseops)
 
 
 def training_sentences(docs: Iterable[str], *, max_bytes: int, split: bool) -> Iterator[str]:
@@ -74,10 +76,14 @@ def _pieces(text: str, max_bytes: int) -> Iterator[str]:
 
 def train_tokenizer(docs: Iterable[str], out: str | Path, *, cfg: TokenizerConfig,
                     threads: int = 1) -> spm.SentencePieceProcessor:
-    """Train a BPE model on `docs` with upstream's options; write it atomically to `out`."""
+    """Train a BPE model on `docs` with upstream's options; write it atomically to `out`.
+    With cfg.caseops it trains on the CaseOps transform of the documents, the four control
+    symbols reserved as user-defined pieces (upstream's reserve_text_transform_controls)."""
     check_vocab_size(cfg.vocab_size, where="tokenizer.vocab_size")
     if cfg.train_docs is not None:
         docs = itertools.islice(docs, cfg.train_docs)
+    if cfg.caseops:  # before the sentence split, so the pieces the trainer sees fit its limit
+        docs = map(caseops.encode, docs)
     sentences = training_sentences(docs, max_bytes=cfg.max_sentence_length,
                                    split=cfg.split_long_docs)
     first = next(sentences, None)
@@ -95,9 +101,15 @@ def train_tokenizer(docs: Iterable[str], out: str | Path, *, cfg: TokenizerConfi
         num_threads=threads,
         minloglevel=1,
         **UPSTREAM_OPTIONS,
+        **trainer_extras(cfg),
     )
     write_bytes(out, model.getvalue())
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def trainer_extras(cfg: TokenizerConfig) -> dict:
+    """Trainer arguments beyond upstream's defaults that the config asks for."""
+    return {"user_defined_symbols": list(caseops.CONTROLS)} if cfg.caseops else {}
 
 
 def describe(sp: spm.SentencePieceProcessor) -> dict:
@@ -119,6 +131,7 @@ def build_tokenizer(cfg: TokenizerConfig, *, docs: str | None, corpus: str | Non
     """The tokenizer stage: copy a provided model, or train one; write tokenizer.json beside it."""
     if cfg.model:
         sp = load_tokenizer(cfg.model, vocab_size=cfg.vocab_size)
+        caseops.check_tokenizer(sp, caseops=cfg.caseops, where=f"tokenizer.model {cfg.model}")
         write_bytes(out, Path(cfg.model).read_bytes())
         trained_on = None
     else:
@@ -126,7 +139,9 @@ def build_tokenizer(cfg: TokenizerConfig, *, docs: str | None, corpus: str | Non
         texts = docs_for_training(read_jsonl(docs), val_docs=split, include_val=cfg.include_val)
         sp = train_tokenizer(texts, out, cfg=cfg, threads=threads)
         trained_on = {"docs": str(docs), "skipped_val_docs": 0 if cfg.include_val else split,
-                      "train_docs": cfg.train_docs, "options": UPSTREAM_OPTIONS}
-    write_json(meta, {**describe(sp), "trained_on": trained_on,
+                      "train_docs": cfg.train_docs,
+                      "options": {**UPSTREAM_OPTIONS, **trainer_extras(cfg)}}
+    extra = {"caseops": True} if cfg.caseops else {}  # today's tokenizer.json stays as it was
+    write_json(meta, {**describe(sp), **extra, "trained_on": trained_on,
                       "provenance": provenance.record() if provenance else None})
     return sp

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from pgolf.config import section
-from pgolf.data.bytecount import ByteLUT, load_tokenizer
+from pgolf.data.bytecount import ByteCounter, byte_counter
 from pgolf.eval.bpb import val_stream
 from pgolf.eval.guard import GuardConfig, check_damage_gap, tensor_damage
 from pgolf.eval.sliding import sliding_bpb
@@ -87,7 +87,7 @@ def artifact_model(path: Path) -> GPT:
     return model
 
 
-def score(mode: str, model, stream, lut: ByteLUT, *, cfg: EvalConfig, ttt: TTTConfig,
+def score(mode: str, model, stream, counter: ByteCounter, *, cfg: EvalConfig, ttt: TTTConfig,
           dist: distributed.Dist) -> dict:
     autocast = dist.device.type == "cuda" if cfg.autocast is None else cfg.autocast
     common = dict(seq_len=cfg.seq_len, batch_seqs=cfg.batch_seqs, device=dist.device,
@@ -95,9 +95,9 @@ def score(mode: str, model, stream, lut: ByteLUT, *, cfg: EvalConfig, ttt: TTTCo
     if mode != "ttt":  # stride = seq_len is roundtrip's windows; per-chunk sums on TTT's
         # chunks pair any two modes over the same chunks (their noise floor)
         stride = cfg.seq_len if mode in ("prequant", "roundtrip") else cfg.stride
-        return sliding_bpb(model, stream, lut, stride=stride, chunk_tokens=ttt.chunk_tokens,
+        return sliding_bpb(model, stream, counter, stride=stride, chunk_tokens=ttt.chunk_tokens,
                            **common)
-    return {**ttt_bpb(model, stream, lut, cfg=ttt, stride=cfg.stride, **common),
+    return {**ttt_bpb(model, stream, counter, cfg=ttt, stride=cfg.stride, **common),
             "ttt": asdict(ttt)}
 
 
@@ -114,8 +114,9 @@ def run_eval(args, spec: dict, dist: distributed.Dist) -> dict:
     model.to(dist.device).eval()
     if cfg.compile:
         model.compile(dynamic=False)
-    lut = ByteLUT.from_tokenizer(load_tokenizer(args.tokenizer), model.cfg.vocab_size)
-    result = score(args.mode, model, val_stream(args.shards), lut, cfg=cfg, ttt=ttt, dist=dist)
+    counter = byte_counter(args.shards, args.tokenizer, model.cfg.vocab_size)
+    result = score(args.mode, model, val_stream(args.shards), counter, cfg=cfg, ttt=ttt,
+                   dist=dist)
     if not math.isfinite(result["loss"]):
         raise ValueError(f"{source}: non-finite {args.mode} loss {result['loss']}")
     result = {"mode": args.mode, "source": str(source), **result,

@@ -11,7 +11,7 @@ targets, which roundtrip drops: a difference of under one window in millions of 
 import numpy as np
 import torch
 
-from pgolf.data.bytecount import ByteLUT, target_bytes
+from pgolf.data.bytecount import ByteCounter
 from pgolf.eval.bpb import totals
 from pgolf.train.distributed import all_reduce
 
@@ -49,6 +49,11 @@ def window_batch(stream: np.ndarray, rows: np.ndarray, seq_len: int):
     return x, y, scored
 
 
+def target_positions(rows: np.ndarray, seq_len: int) -> np.ndarray:
+    """Val-stream index of the target at each offset of these plan rows' windows."""
+    return rows[:, :1] + np.arange(seq_len) + 1
+
+
 def chunk_rows(rows: np.ndarray, num_targets: int, chunk_tokens: int) -> list[np.ndarray]:
     """The plan cut into chunks of chunk_tokens targets (the last may be shorter): a window whose
     scored range crosses a chunk edge is split in two, same start and context, so each chunk's
@@ -71,18 +76,20 @@ def rank_range(n: int, rank: int, world: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def score_rows(model, stream: np.ndarray, rows: np.ndarray, lut: ByteLUT, *, seq_len: int,
+def score_rows(model, stream: np.ndarray, rows: np.ndarray, counter: ByteCounter, *, seq_len: int,
                batch_seqs: int, device: torch.device, autocast: bool = False) -> torch.Tensor:
     """(nll nats, targets, bytes) in float64 over the scored positions of these plan rows."""
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for first in range(0, len(rows), batch_seqs):
-        x, y, scored = window_batch(stream, rows[first:first + batch_seqs], seq_len)
+        batch = rows[first:first + batch_seqs]
+        x, y, scored = window_batch(stream, batch, seq_len)
         xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             nll = model(xt, yt, reduction="none")
         sums[0] += nll.double()[torch.from_numpy(scored).to(device)].sum()
         sums[1] += int(scored.sum())
-        sums[2] += int(target_bytes(x[scored], y[scored], lut).sum())
+        positions = target_positions(batch, seq_len)[scored]
+        sums[2] += int(counter.target_bytes(x[scored], y[scored], positions).sum())
     return sums
 
 
@@ -96,7 +103,7 @@ def chunk_totals(sums: torch.Tensor, extra: dict) -> dict:
             "chunks": per_chunk}
 
 
-def sliding_bpb(model, stream: np.ndarray, lut: ByteLUT, *, seq_len: int, stride: int,
+def sliding_bpb(model, stream: np.ndarray, counter: ByteCounter, *, seq_len: int, stride: int,
                 batch_seqs: int, device: torch.device, rank: int = 0, world: int = 1,
                 max_tokens: int | None = None, autocast: bool = False,
                 chunk_tokens: int | None = None) -> dict:
@@ -108,7 +115,7 @@ def sliding_bpb(model, stream: np.ndarray, lut: ByteLUT, *, seq_len: int, stride
     sums = torch.zeros(len(chunks), 3, dtype=torch.float64, device=device)
     for c, part in enumerate(chunks):
         lo, hi = rank_range(len(part), rank, world)
-        sums[c] = score_rows(model, stream, part[lo:hi], lut, seq_len=seq_len,
+        sums[c] = score_rows(model, stream, part[lo:hi], counter, seq_len=seq_len,
                              batch_seqs=batch_seqs, device=device, autocast=autocast)
     all_reduce(sums)
     return chunk_totals(sums, {"stride": stride, "windows": len(rows)})

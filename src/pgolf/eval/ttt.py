@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pgolf.data.bytecount import ByteLUT
+from pgolf.data.bytecount import ByteCounter
 from pgolf.eval.sliding import (
     chunk_rows,
     chunk_totals,
@@ -107,7 +107,7 @@ def train_chunk(model, optimizer, params: list, stream: np.ndarray, starts: np.n
             optimizer.step()
 
 
-def ttt_bpb(model, stream: np.ndarray, lut: ByteLUT, *, cfg: TTTConfig, seq_len: int,
+def ttt_bpb(model, stream: np.ndarray, counter: ByteCounter, *, cfg: TTTConfig, seq_len: int,
             stride: int, batch_seqs: int, device: torch.device, rank: int = 0, world: int = 1,
             max_tokens: int | None = None, autocast: bool = False) -> dict:
     """Score-first TTT over the roundtrip targets; the model's weights are adapted in place."""
@@ -125,7 +125,7 @@ def ttt_bpb(model, stream: np.ndarray, lut: ByteLUT, *, cfg: TTTConfig, seq_len:
         start = time.perf_counter()
         model.eval()
         lo, hi = rank_range(len(rows), rank, world)
-        sums[c] = score_rows(model, stream, rows[lo:hi], lut, seq_len=seq_len,
+        sums[c] = score_rows(model, stream, rows[lo:hi], counter, seq_len=seq_len,
                              batch_seqs=batch_seqs, device=device, autocast=autocast)
         seconds["score"] += time.perf_counter() - start
         if c == len(chunks) - 1:

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
 
-from pgolf.data.bytecount import ByteLUT, load_tokenizer, target_bytes
+from pgolf.data.bytecount import byte_counter
 from pgolf.data.scores import read_metadata, write_table
-from pgolf.eval.bpb import val_stream
+from pgolf.eval.bpb import val_stream, window_positions
 from pgolf.eval.bpb import windows as val_windows
 from pgolf.model.checkpoint import load_model
 from pgolf.model.config import GPTConfig
@@ -54,12 +54,13 @@ class Subset:
 def load_subset(shard_dir, tokenizer, vocab_size: int, *, windows: int, seq_len: int,
                 batch_seqs: int, device: torch.device | str = "cpu") -> Subset:
     """The first `windows` validation windows, batched on `device`, and their byte count."""
-    lut = ByteLUT.from_tokenizer(load_tokenizer(tokenizer), vocab_size)
+    counter = byte_counter(shard_dir, tokenizer, vocab_size)
     x, y = val_windows(val_stream(shard_dir), seq_len, windows)
     batches = [(torch.from_numpy(x[i:i + batch_seqs]).to(device),
                 torch.from_numpy(y[i:i + batch_seqs]).to(device))
                for i in range(0, len(x), batch_seqs)]
-    return Subset(batches, int(target_bytes(x, y, lut).sum()))
+    num_bytes = counter.target_bytes(x, y, window_positions(0, len(x), seq_len)).sum()
+    return Subset(batches, int(num_bytes))
 
 
 def first_position(model: GPT, name: str) -> int:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pgolf.config import section
-from pgolf.data.bytecount import ByteLUT, load_tokenizer
+from pgolf.data.bytecount import byte_counter
 from pgolf.data.loader import open_streams
 from pgolf.data.shards import list_shards, summary_path, token_counts
 from pgolf.eval.bpb import evaluate, unigram_bpb, val_stream
@@ -117,15 +117,16 @@ def checkpointer(state_dir: Path, key: str, every: int):
 
 def validate(run: Run, args) -> dict:
     """Validation BPB of the final (EMA) weights beside the unigram null baseline."""
-    lut = ByteLUT.from_tokenizer(load_tokenizer(args.tokenizer), run.model.cfg.vocab_size)
+    counter = byte_counter(args.shards, args.tokenizer, run.model.cfg.vocab_size)
     stream, cfg = val_stream(args.shards), run.cfg
     run.model.eval()
-    result = evaluate(run.model, stream, lut, seq_len=cfg.seq_len, batch_seqs=cfg.val_batch_seqs,
-                      device=run.dist.device, rank=run.dist.rank, world=run.dist.world,
-                      max_tokens=cfg.val_max_tokens, autocast=run.dist.device.type == "cuda")
+    result = evaluate(run.model, stream, counter, seq_len=cfg.seq_len,
+                      batch_seqs=cfg.val_batch_seqs, device=run.dist.device, rank=run.dist.rank,
+                      world=run.dist.world, max_tokens=cfg.val_max_tokens,
+                      autocast=run.dist.device.type == "cuda")
     counts = token_counts(list_shards(args.shards, "train"), run.model.cfg.vocab_size,
                           limit=100_000_000)
-    null = unigram_bpb(counts, stream, lut, seq_len=cfg.seq_len, max_tokens=cfg.val_max_tokens)
+    null = unigram_bpb(counts, stream, counter, seq_len=cfg.seq_len, max_tokens=cfg.val_max_tokens)
     return {"model": result, "unigram": null}
 
 
