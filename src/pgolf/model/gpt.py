@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pgolf.kernels import fused_fc_activation, softcapped_cross_entropy
 from pgolf.model.config import GPTConfig, quantizable_matrices  # noqa: F401 (re-exported)
 
 
@@ -88,8 +89,11 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.model_dim, cfg.mlp_hidden, bias=False)
         self.proj = nn.Linear(cfg.mlp_hidden, cfg.model_dim, bias=False)
         self.slope = cfg.leaky_slope if cfg.activation == "leaky_relu2" else 0.0
+        self.fused = cfg.kernels == "triton"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.training:  # eval calls self.fc, so the Hessian hooks see its input
+            return self.proj(fused_fc_activation(x, self.fc.weight, slope=self.slope))
         h = self.fc(x)
         h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
         return self.proj(h.square())
@@ -183,18 +187,25 @@ class GPT(nn.Module):
         depth = len(self.cfg.layer_sequence(self.looping))
         return rms_norm(self.advance(self.initial_state(idx), 0, depth).x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, capped: bool = True) -> torch.Tensor:
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight.to(hidden.dtype)).float()
+        logits = F.linear(hidden, weight.to(hidden.dtype))
+        if not capped:  # raw, for the fused loss that caps them in fp32 itself
+            return logits
+        logits = logits.float()
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean") -> torch.Tensor:
         """Logits (B, T, V), or with targets the cross-entropy in nats (fp32)."""
-        logits = self.logits(self.hidden(idx))
+        fused = targets is not None and self.training and self.cfg.kernels == "triton"
+        logits = self.logits(self.hidden(idx), capped=not fused)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               reduction=reduction)
+        flat = logits.view(-1, logits.size(-1)), targets.reshape(-1)
+        if fused:
+            loss = softcapped_cross_entropy(*flat, cap=self.cfg.logit_softcap, reduction=reduction)
+        else:
+            loss = F.cross_entropy(*flat, reduction=reduction)
         return loss if reduction == "mean" else loss.view(targets.shape)
