@@ -200,6 +200,14 @@ def test_eval_mode_stays_eager_for_calibration(monkeypatch):
     assert torch.equal(triton(batches[0], batches[0]), eager(batches[0], batches[0]))
 
 
+def test_code_bytes_count_the_kernels_only_when_the_model_uses_them():
+    from pgolf.quant.codebytes import code_bytes, model_code
+    eager, triton = code_bytes(), code_bytes(extra=model_code("triton"))
+    kernels = {"pgolf/kernels/ops.py", "pgolf/kernels/mlp.py", "pgolf/kernels/softcap_ce.py"}
+    assert not kernels & set(eager["files"]) and kernels <= set(triton["files"])
+    assert triton["bytes"] > eager["bytes"]
+
+
 if __name__ == "__main__":  # the interpreter child: python tests/test_kernels.py OUT
     assert os.environ.get("TRITON_INTERPRET") == "1"
     torch.manual_seed(0)

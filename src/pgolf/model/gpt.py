@@ -6,6 +6,7 @@ embedding stream, LN scale 1/sqrt(i+1), U-Net skips with sigmoid gates, depth re
 layers), GPT-J parallel residuals, XSA, tied embeddings and a logit softcap.
 """
 
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -13,12 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pgolf.kernels import fused_fc_activation, softcapped_cross_entropy
 from pgolf.model.config import GPTConfig, quantizable_matrices  # noqa: F401 (re-exported)
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
+
+
+def kernel(cfg: GPTConfig, name: str):
+    """Op `name` of pgolf.kernels under model.kernels: triton (imported by name, as the optional
+    codecs are: code bytes count it only then), else None."""
+    return getattr(importlib.import_module("pgolf.kernels"), name) \
+        if cfg.kernels == "triton" else None
 
 
 class Rotary(nn.Module):
@@ -89,11 +96,11 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.model_dim, cfg.mlp_hidden, bias=False)
         self.proj = nn.Linear(cfg.mlp_hidden, cfg.model_dim, bias=False)
         self.slope = cfg.leaky_slope if cfg.activation == "leaky_relu2" else 0.0
-        self.fused = cfg.kernels == "triton"
+        self.fused = kernel(cfg, "fused_fc_activation")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and self.training:  # eval calls self.fc, so the Hessian hooks see its input
-            return self.proj(fused_fc_activation(x, self.fc.weight, slope=self.slope))
+            return self.proj(self.fused(x, self.fc.weight, slope=self.slope))
         h = self.fc(x)
         h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
         return self.proj(h.square())
@@ -145,6 +152,7 @@ class GPT(nn.Module):
             if k and cfg.skip_gates else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size,
                                                                  bias=False)
+        self.fused_loss = kernel(cfg, "softcapped_cross_entropy")
         self.reset_parameters()
 
     @torch.no_grad()
@@ -199,13 +207,13 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean") -> torch.Tensor:
         """Logits (B, T, V), or with targets the cross-entropy in nats (fp32)."""
-        fused = targets is not None and self.training and self.cfg.kernels == "triton"
+        fused = targets is not None and self.training and self.fused_loss is not None
         logits = self.logits(self.hidden(idx), capped=not fused)
         if targets is None:
             return logits
         flat = logits.view(-1, logits.size(-1)), targets.reshape(-1)
         if fused:
-            loss = softcapped_cross_entropy(*flat, cap=self.cfg.logit_softcap, reduction=reduction)
+            loss = self.fused_loss(*flat, cap=self.cfg.logit_softcap, reduction=reduction)
         else:
             loss = F.cross_entropy(*flat, reduction=reduction)
         return loss if reduction == "mean" else loss.view(targets.shape)
