@@ -44,8 +44,10 @@ def fc_activation(x: torch.Tensor, weight: torch.Tensor, *, slope: float, block_
     N = weight.size(0)
     pre = torch.empty(M, N, device=x.device, dtype=x.dtype)
     h = torch.empty_like(pre)
-    # fp32 follows torch's matmul setting (TF32 off by default) to match F.linear; bf16 ignores it
-    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    # fp32 follows torch's matmul setting (TF32 off by default) to match F.linear; bf16 and fp16
+    # take Triton's default (the setting is for fp32 operands only)
+    precision = None if x.dtype != torch.float32 else \
+        "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
     _fc_activation_kernel[grid](x, weight, pre, h, M, N, K, x.stride(0), weight.stride(0),
                                 pre.stride(0), float(slope), BLOCK_M=block_m, BLOCK_N=block_n,

@@ -1,5 +1,4 @@
-"""The fused kernels as torch ops with autograd (torch.compile traces around them); no Triton import
-until a kernel runs, so the model imports on machines without Triton."""
+"""The fused kernels as torch custom ops with autograd; Triton is imported only when one runs."""
 
 import importlib.util
 import os

@@ -29,7 +29,7 @@ class GPTConfig:
     parallel_from: int | None = None  # physical layers >= this use GPT-J parallel residuals
     xsa_last_n: int = 0  # exclusive self-attention on the last n physical layers
     embed_init_std: float = 0.005
-    kernels: str = "eager"  # eager | triton (the fused MLP and loss, in training only)
+    kernels: str = "eager"  # eager | triton: the fused MLP and loss in train mode
 
     def __post_init__(self):
         if self.model_dim % self.num_heads or self.num_heads % self.num_kv_heads:

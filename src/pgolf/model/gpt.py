@@ -22,8 +22,7 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def kernel(cfg: GPTConfig, name: str):
-    """Op `name` of pgolf.kernels under model.kernels: triton (imported by name, as the optional
-    codecs are: code bytes count it only then), else None."""
+    """pgolf.kernels.<name> under model.kernels: triton (imported by name: counted only then)."""
     return getattr(importlib.import_module("pgolf.kernels"), name) \
         if cfg.kernels == "triton" else None
 
@@ -198,7 +197,7 @@ class GPT(nn.Module):
     def logits(self, hidden: torch.Tensor, capped: bool = True) -> torch.Tensor:
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(hidden, weight.to(hidden.dtype))
-        if not capped:  # raw, for the fused loss that caps them in fp32 itself
+        if not capped:  # the fused loss caps them
             return logits
         logits = logits.float()
         cap = self.cfg.logit_softcap
