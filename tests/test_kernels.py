@@ -8,7 +8,9 @@ tests recompute the eager path on the same inputs in this process and compare.
 Tolerances: in fp32 the kernels compute the same expressions as eager in another order (tiled K
 sums, an online log-sum-exp, tanh through a sigmoid), a few ulps apart; 1e-5 of the largest entry
 leaves ~100 ulps of headroom, while a wrong slope, a missing 1 - tanh^2, a mask off by one or an
-unignored target is an O(1) error. bf16 outputs round once (2^-8 relative), so those get 1e-2.
+unignored target is an O(1) error. The bound is on the largest entry rather than each entry
+because 1 - tanh^2 at the cap's tails cancels in eager as in the kernel (~1e-4 relative there).
+bf16 outputs round once (2^-8 relative), so those get 1e-2.
 """
 
 import os
