@@ -5,7 +5,7 @@ from pathlib import Path
 from pgolf.codehash import code_hash
 from pgolf.config import validate_config
 from pgolf.model.config import GPTConfig, quantizable_matrices
-from pgolf.quant.codebytes import DECODER_ENTRY
+from pgolf.quant.codebytes import DECODER_ENTRY, model_code
 
 
 def config_error(message):
@@ -83,8 +83,10 @@ MATRICES = model_matrices()
 SEEDS = config["seeds"]
 SRC = Path(workflow.basedir) / "src"
 SCRIPTS = Path(workflow.basedir) / "workflow_scripts"
+# The fused kernels the model imports by name under model.kernels: triton (training, TTT).
+MODEL_CODE = [f"src/{entry}" for entry in model_code(config["model"]["kernels"])]
 # The decoder/evaluator sources: they set the code bytes the allocation and the size gate count.
-DECODER = [f"src/{entry}" for entry in DECODER_ENTRY]
+DECODER = [f"src/{entry}" for entry in DECODER_ENTRY] + MODEL_CODE
 
 
 def data(name):

@@ -26,7 +26,7 @@ rule eval_prequant:
         spec=eval_spec("prequant"),
         launcher=eval_launcher(),
         outs=lambda wildcards, output: " ".join(f"--out {o}" for o in output),
-        code=stage_code("src/pgolf/eval/run.py"),
+        code=stage_code("src/pgolf/eval/run.py", *MODEL_CODE),
     shell:
         "{params.launcher} -m pgolf.eval --mode prequant --model {input.model}"
         " --shards {input.shards} --tokenizer {input.tokenizer} --spec {params.spec:q}"
@@ -53,7 +53,7 @@ rule eval:
         spec=lambda wildcards: eval_spec(wildcards.mode),
         launcher=eval_launcher(),
         inputs=eval_args,
-        code=stage_code("src/pgolf/eval/run.py"),
+        code=stage_code("src/pgolf/eval/run.py", *MODEL_CODE),
     shell:
         "{params.launcher} -m pgolf.eval --mode {wildcards.mode} {params.inputs}"
         " --shards {input.shards} --tokenizer {input.tokenizer} --spec {params.spec:q}"

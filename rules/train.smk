@@ -26,7 +26,7 @@ rule train:
         spec=train_spec(),
         nproc=config["train"]["nproc"],
         state_dir=lambda wildcards: f"results/{RUN}/.resume/seed{wildcards.seed}",
-        code=stage_code("src/pgolf/train/main.py"),
+        code=stage_code("src/pgolf/train/main.py", *MODEL_CODE),
     shell:
         # a local GPU job claims its devices first (a prefix only when it has any)
         gpu_slots(gpus("train"))

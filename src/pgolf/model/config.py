@@ -36,6 +36,7 @@ class GPTConfig:
     gate_window: int = 12  # the gates read the first gate_window channels of their input
     doc_isolation: bool = False  # attention stays inside documents (split at bos_id)
     bos_id: int = 1  # the tokenizer's BOS: where a document starts
+    kernels: str = "eager"  # eager | triton: the fused MLP and loss in train mode
 
     def __post_init__(self):
         if self.model_dim % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -43,6 +44,8 @@ class GPTConfig:
                              f"num_kv_heads={self.num_kv_heads} must divide evenly")
         if self.activation not in ("relu2", "leaky_relu2"):
             raise ValueError(f"model.activation={self.activation!r}: relu2 or leaky_relu2")
+        if self.kernels not in ("eager", "triton"):
+            raise ValueError(f"model.kernels = {self.kernels!r}: eager or triton")
         rope = self.rope_dims if self.rope_dims is not None else self.head_dim
         if rope % 2 or not 0 < rope <= self.head_dim:
             raise ValueError(f"model.rope_dims={self.rope_dims} must be even and <= head_dim "

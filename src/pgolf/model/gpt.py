@@ -7,6 +7,7 @@ recurrence (looped layers), GPT-J or two-lane parallel residuals, XSA, a sparse 
 a BOS-masked SmearGate, document-isolated attention, tied embeddings and a logit softcap.
 """
 
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -20,6 +21,12 @@ from pgolf.model.config import GPTConfig, quantizable_matrices  # noqa: F401 (re
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
+
+
+def kernel(cfg: GPTConfig, name: str):
+    """pgolf.kernels.<name> under model.kernels: triton (imported by name: counted only then)."""
+    return getattr(importlib.import_module("pgolf.kernels"), name) \
+        if cfg.kernels == "triton" else None
 
 
 class Rotary(nn.Module):
@@ -145,8 +152,11 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.model_dim, cfg.mlp_hidden, bias=False)
         self.proj = nn.Linear(cfg.mlp_hidden, cfg.model_dim, bias=False)
         self.slope = cfg.leaky_slope if cfg.activation == "leaky_relu2" else 0.0
+        self.fused = kernel(cfg, "fused_fc_activation")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.training:  # eval calls self.fc, so the Hessian hooks see its input
+            return self.proj(self.fused(x, self.fc.weight, slope=self.slope))
         h = self.fc(x)
         h = F.leaky_relu(h, self.slope) if self.slope else F.relu(h)
         return self.proj(h.square())
@@ -234,6 +244,7 @@ class GPT(nn.Module):
         if cfg.smear_gate:  # zero-init: the identity at start
             self.smear_gate = nn.Parameter(torch.zeros(1, cfg.gate_window))
             self.smear_lambda = nn.Parameter(torch.zeros(1))
+        self.fused_loss = kernel(cfg, "softcapped_cross_entropy")
         self.reset_parameters()
 
     @torch.no_grad()
@@ -294,18 +305,25 @@ class GPT(nn.Module):
         depth = len(self.cfg.layer_sequence(self.looping))
         return self.output(self.advance(self.initial_state(idx), 0, depth))
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, capped: bool = True) -> torch.Tensor:
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight.to(hidden.dtype)).float()
+        logits = F.linear(hidden, weight.to(hidden.dtype))
+        if not capped:  # the fused loss caps them
+            return logits
+        logits = logits.float()
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap else logits
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean") -> torch.Tensor:
         """Logits (B, T, V), or with targets the cross-entropy in nats (fp32)."""
-        logits = self.logits(self.hidden(idx))
+        fused = targets is not None and self.training and self.fused_loss is not None
+        logits = self.logits(self.hidden(idx), capped=not fused)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1),
-                               reduction=reduction)
+        flat = logits.view(-1, logits.size(-1)), targets.reshape(-1)
+        if fused:
+            loss = self.fused_loss(*flat, cap=self.cfg.logit_softcap, reduction=reduction)
+        else:
+            loss = F.cross_entropy(*flat, reduction=reduction)
         return loss if reduction == "mean" else loss.view(targets.shape)

@@ -28,7 +28,7 @@ from pgolf.model.checkpoint import read_config
 from pgolf.model.config import GPTConfig, quantizable_matrices
 from pgolf.provenance import Provenance
 from pgolf.quant.artifact import Quantized, pack_artifact, quantized_bytes
-from pgolf.quant.codebytes import CHALLENGE_BYTES, code_bytes
+from pgolf.quant.codebytes import CHALLENGE_BYTES, code_bytes, model_code
 
 POLICIES = ("uniform", "rd")
 MAX_BUCKETS = 1 << 20  # the DP's table is tensors x buckets int8: ~70 MB for the record model
@@ -179,7 +179,7 @@ def budget_bytes(cfg: RDConfig, model_path: Path, curves: dict, reference: dict 
     most = {n: max(options) for n, options in curves.items()}
     fixed = placeholder_fixed_bytes(model_path, most)
     if cfg.budget == "challenge":
-        code = code_bytes()["bytes"]
+        code = code_bytes(extra=model_code(read_config(model_path)[0].kernels))["bytes"]
         total, source = limit_bytes - code, f"{limit_bytes:,} B limit - {code:,} B code"
     else:
         total, source = int(cfg.budget), "config"

@@ -19,6 +19,12 @@ DECODER_ENTRY = ("pgolf/quant/artifact.py", "pgolf/model/gpt.py", "pgolf/eval/tt
 WRAPPER = "import base64,brotli\nexec(brotli.decompress(base64.b85decode({!r})))\n"
 
 
+def model_code(kernels: str) -> tuple[str, ...]:
+    """The entry modules a model imports by name: model.kernels: triton's fused kernels (TTT
+    trains with them, so they are evaluator code)."""
+    return ("pgolf/kernels/__init__.py",) if kernels == "triton" else ()
+
+
 def code_bytes(src: Path = SRC, extra: tuple[str, ...] = ()) -> dict:
     """Counted bytes of the decoder/evaluator source (plus `extra` entry modules, such as an
     optional codec the artifact uses), and the files they come from."""

@@ -13,7 +13,7 @@ from pgolf.io import write_json
 from pgolf.model.checkpoint import read_header
 from pgolf.provenance import Provenance
 from pgolf.quant.artifact import OPTIONAL_CODECS, Encoded, Quantized, write_artifact
-from pgolf.quant.codebytes import CHALLENGE_BYTES, SRC, code_bytes
+from pgolf.quant.codebytes import CHALLENGE_BYTES, SRC, code_bytes, model_code
 from pgolf.quant.codec import entropy_bound_bytes
 from pgolf.quant.gptq import GPTQConfig, qmax
 
@@ -93,9 +93,10 @@ def build_artifact(model: Path, hessians: Path, allocation: Path, out: Path, met
                            gptq, clips)
     tensors = {n: optional.get(n, plain.get(n)) for n in state}
     header = read_header(model)
-    info = write_artifact(out, tensors, {"model": json.loads(header["config"]),
+    model_cfg = json.loads(header["config"])
+    info = write_artifact(out, tensors, {"model": model_cfg,
                                          "looping": json.loads(header.get("looping", "false"))})
-    code = code_bytes(src, extra)
+    code = code_bytes(src, extra + model_code(model_cfg.get("kernels", "eager")))
     bound = sum(entropy_bound_bytes(t.codes.numpy().astype(np.int64) + qmax(t.bits))
                 for t in tensors.values() if isinstance(t, Quantized))
     codes_bytes = sum(info["breakdown"][n]["codes"] for n, t in tensors.items()
