@@ -16,6 +16,7 @@ from pgolf.provenance import Provenance
 
 CHUNK = 1 << 24
 UPSTREAM_SHARD = re.compile(r"(?:^|_)(val|train)_(\d{6})\.bin$")
+UPSTREAM_VAL_BYTES = re.compile(r"(?:^|_)val_bytes_\d{6}\.bin$")
 
 
 @dataclass(kw_only=True)
@@ -118,7 +119,33 @@ def import_shards(folder: Path, tokenizer: Path, out_dir: Path) -> dict:
             (out_dir / name).symlink_to(path.resolve())
             s.shards.append({"file": name, "source": str(path), "tokens": len(tokens),
                              "sha256": sha256_file(path)})
-    return shards_summary(stats, sp=sp, val_docs=stats["val"].docs, shard_tokens=None)
+    summary = shards_summary(stats, sp=sp, val_docs=stats["val"].docs, shard_tokens=None)
+    if val_bytes := link_val_bytes(folder, out_dir, stats["val"].shards):
+        summary["val_bytes"] = val_bytes
+    return summary
+
+
+def link_val_bytes(folder: Path, out_dir: Path, val_shards: list[dict]) -> list[dict]:
+    """Link CaseOps val byte sidecars (one per val shard, a shard-format file whose uint16s are
+    each val token's byte count in the original text) in as fineweb_val_bytes_NNNNNN.bin, a name
+    the val_*.bin glob does not take for a token shard; each must match its shard's length."""
+    paths = sorted(p for p in Path(folder).iterdir() if UPSTREAM_VAL_BYTES.search(p.name))
+    if not paths:
+        return []
+    if len(paths) != len(val_shards):
+        raise ValueError(f"shard folder {folder}: {len(paths)} val byte sidecars "
+                         f"(*_val_bytes_NNNNNN.bin) for {len(val_shards)} val shards")
+    linked = []
+    for index, (path, shard) in enumerate(zip(paths, val_shards, strict=True)):
+        count = read_shard(path).shape[0]
+        if count != shard["tokens"]:
+            raise ValueError(f"val byte sidecar {path}: {count} entries, but its val shard "
+                             f"{shard['source']} has {shard['tokens']} tokens")
+        name = f"fineweb_val_bytes_{index:06d}.bin"
+        (out_dir / name).symlink_to(path.resolve())
+        linked.append({"file": name, "source": str(path), "tokens": count,
+                       "sha256": sha256_file(path)})
+    return linked
 
 
 def build_shards(cfg: ShardsConfig, *, tokenizer: Path, docs: str | None, corpus: str | None,
