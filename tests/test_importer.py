@@ -95,7 +95,8 @@ def test_banks_are_sliced_by_layer(tmp_path):
 
 def test_sota_feature_tensors_map_to_the_feature_branch_names():
     cfg = SimpleNamespace(num_layers=4, parallel_lanes=True, parallel_from=2)
-    resid, post = torch.full((4, 2), 1.1), torch.ones(4, 2, 2)  # rows 0, 1: one lane, unused
+    # rows 0, 1: single-lane layers, unused by the record; weight decay shrank them uniformly
+    resid, post = torch.full((4, 2), 1.1 * 0.97), torch.full((4, 2, 2), 0.97)
     resid[2:], post[2:] = torch.randn(2, 2), torch.randn(2, 2, 2)
     gate, smear, lam = torch.randn(1, 12), torch.randn(4, 12), torch.randn(1)
     mapped, _, unknown = to_pgolf({"parallel_resid_lambdas": resid,
@@ -112,8 +113,8 @@ def test_sota_feature_tensors_map_to_the_feature_branch_names():
 
 def test_trained_lanes_need_a_two_lane_config():
     cfg = SimpleNamespace(num_layers=3, parallel_lanes=False, parallel_from=None)
-    resid = torch.full((3, 2), 1.1)
-    resid[2, 0] = 0.7  # layer 2 was a two-lane layer in the record
+    resid = torch.full((3, 2), 1.1 * 0.97)
+    resid[2] = torch.tensor([0.7, 1.3])  # layer 2 was a two-lane layer in the record
     with pytest.raises(ValueError, match=r"parallel_resid_lambdas: rows \[2\] were trained"):
         to_pgolf({"parallel_resid_lambdas": resid}, cfg)
 

@@ -19,9 +19,9 @@ BANKS = {
     "mlp_up_bank": ("mlp.fc.weight",),
     "mlp_down_bank": ("mlp.proj.weight",),
 }
-# The record's global lane lambdas (L, 2) and (L, 2, 2), one row per layer, and the value each
-# row starts training at: rows of single-lane layers are never used, so they keep it.
-LANES = {"parallel_resid_lambdas": ("lane_resid", 1.1), "parallel_post_lambdas": ("lane_post", 1.0)}
+# The record's global lane lambdas (L, 2) and (L, 2, 2), one row per layer. Rows of single-lane
+# layers get no gradient; AdamW's weight decay only scales them, so their entries stay equal.
+LANES = {"parallel_resid_lambdas": "lane_resid", "parallel_post_lambdas": "lane_post"}
 RENAMES = {"smear_gate.weight": "smear_gate"}  # a CastedLinear(W, 1) upstream, (1, W) either way
 BLOCK_RENAMES = {"attn.attn_gate_w": "attn.gate"}  # the sparse head-output gate (heads, W)
 BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
@@ -65,17 +65,18 @@ def unbank(name: str, tensor: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
 
 
 def split_lanes(name: str, tensor: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
-    """Rows of the two-lane layers become blocks.{i}.lane_*; any other row must still hold its
-    initial value, or the config leaves out lanes the record trained."""
-    target, init = LANES[name]
+    """Rows of the two-lane layers become blocks.{i}.lane_*; any other row must be untrained
+    (one value throughout: its init, 1.1 or 1, times weight decay), or the config leaves out
+    lanes the record trained."""
+    target = LANES[name]
     if tensor.ndim < 1 or tensor.shape[0] != cfg.num_layers:
         raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected one row per layer "
                          f"(model.num_layers = {cfg.num_layers})")
     lanes = two_lane_layers(cfg)
     trained = [i for i in range(cfg.num_layers)
-               if i not in lanes and not torch.all(tensor[i] == init)]
+               if i not in lanes and not torch.all(tensor[i] == tensor[i].flatten()[0])]
     if trained:
-        raise ValueError(f"{name}: rows {trained} were trained (not all {init}), but the config "
+        raise ValueError(f"{name}: rows {trained} were trained (unequal entries), but the config "
                          f"gives those layers one lane (model.parallel_lanes, model.parallel_from)")
     return {f"blocks.{i}.{target}": tensor[i] for i in sorted(lanes)}
 
