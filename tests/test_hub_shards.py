@@ -2,12 +2,14 @@
 manifest layout, the first N train shards, sha256 checks, resumed fetches, and the shards stage
 importing what was fetched."""
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
 import test_hub
 
+from pgolf.audit import declared_outputs
 from pgolf.data.encode import ShardsConfig, build_shards
 from pgolf.data.hub import HubConfig
 from pgolf.data.hub_shards import fetch_shards
@@ -104,6 +106,11 @@ def test_fetches_the_first_train_shards_and_the_shards_stage_imports_them(
                                                          "fineweb_val_bytes_000001.bin"]
     sidecar = read_shard(tmp_path / "shards" / "fineweb_val_bytes_000001.bin")
     np.testing.assert_array_equal(sidecar, np.full(51, 3) * (tokens(1, 51) != 1))
+    # `pgolf audit` checks the sidecars' sha256 with the shards'
+    declared = declared_outputs(tmp_path / "shards.json")
+    assert declared[tmp_path / "shards" / "fineweb_val_bytes_000001.bin"] == \
+        hashlib.sha256(files[f"{DATASET}/fineweb_val_bytes_000001.bin"]).hexdigest()
+    assert len(declared) == 6
 
 
 def test_missing_file_is_named_and_a_rerun_fetches_only_it(hub, tmp_path, tokenizer_path):
