@@ -176,6 +176,17 @@ def test_bad_settings_fail_before_any_shard_is_fetched(hub, tmp_path, tokenizer_
     assert gets(hub) == {"datasets/manifest.json"}
 
 
+def test_transformed_text_needs_byte_sidecars(hub, tmp_path, tokenizer_path):
+    publish(hub, tokenizer_path, byte_sidecars=False)
+    manifest = json.loads(hub.files["datasets/manifest.json"])
+    manifest["tokenizers"][0]["text_transform"] = "lossless_caps_caseops_v1"
+    hub.files["datasets/manifest.json"] = json.dumps(manifest).encode()
+    with pytest.raises(ValueError, match=r"applies text_transform 'lossless_caps_caseops_v1', "
+                                         r"but dataset fineweb10B_sp384 names no val byte"):
+        fetch(hub, tmp_path, train_shards=1)
+    assert gets(hub) == {"datasets/manifest.json"}
+
+
 def test_byte_sidecar_must_match_its_val_shard(hub, tmp_path, tokenizer_path):
     publish(hub, tokenizer_path)
     hub.files[f"{DATASET}/fineweb_val_bytes_000001.bin"] = shard_bytes(np.ones(7))

@@ -67,6 +67,12 @@ def plan(manifest: dict, cfg: HubConfig, *, where: str) -> list[Wanted]:
     if dataset.get("val_bytes_glob") or stats.get("files_val_bytes"):
         count = stats.get("files_val_bytes") or val
         names += [("val_bytes", f"{folder}/fineweb_val_bytes_{i:06d}.bin") for i in range(count)]
+    elif tokenizer.get("text_transform") not in (None, "", "identity"):
+        # CaseOps: the tokens spell transformed text; only the sidecars give the original bytes
+        raise ValueError(f"{where}: tokenizer {tokenizer['name']!r} applies text_transform "
+                         f"{tokenizer['text_transform']!r}, but dataset {dataset['name']} names "
+                         "no val byte sidecars (val_bytes_glob or stats.files_val_bytes) to "
+                         "count the original bytes with")
     names += [("train", f"{folder}/fineweb_train_{i:06d}.bin") for i in range(cfg.train_shards)]
     digests = manifest.get("sha256") or {}
     return [Wanted(kind=kind, remote=str(name), sha256=digests.get(str(name)))
