@@ -28,7 +28,7 @@ BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
 ROTARY = re.compile(r"blocks\.\d+\.attn\.rotary\.inv_freq")  # a constant of the RoPE settings
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict saved with torch.save, read with weights_only=True: tensors and plain
     containers only, so a pickled object is refused instead of run."""
     path = Path(path)
@@ -56,6 +56,7 @@ def two_lane_layers(cfg) -> set[int]:
 
 
 def unbank(name: str, tensor: torch.Tensor, cfg) -> dict[str, torch.Tensor]:
+    """A bank's rows as per-layer matrices: part p of layer i is row p * num_layers + i."""
     parts, layers = BANKS[name], cfg.num_layers
     if tensor.ndim != 3 or tensor.shape[0] != len(parts) * layers:
         raise ValueError(f"{name}: shape {tuple(tensor.shape)}, expected {len(parts)} x "
@@ -147,7 +148,7 @@ def import_checkpoint(checkpoint: str | Path, cfg: GPTConfig, out: str | Path) -
     """Load an upstream state dict into a pgolf GPT built from `cfg` and save it as the trainer
     does. The header says looping whenever the config loops: the records switch looping on during
     training and evaluate their final model with it."""
-    state = load_state_dict(checkpoint)
+    state = read_state_dict(checkpoint)
     model = GPT(cfg)
     try:
         mapped, origin, unknown = to_pgolf(state, cfg)
