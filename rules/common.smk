@@ -265,12 +265,15 @@ def corpus_inputs(wildcards):
         return {"demo": bundled / "sotu.jsonl.xz", "sidecar": bundled / "sotu.json"}
     if source in ("text", "jsonl"):
         return {"source": path}
-    return {}  # hf downloads into its own cache
+    return {}  # hf (and hub_shards) download into their own cache
 
 
 def tokenizer_inputs(wildcards):
     if config["tokenizer"]["model"]:
         return {"model": config["tokenizer"]["model"]}
+    # hub_shards: the tokenizer its shards were made with
+    if config["corpus"]["source"] == "hub_shards":
+        return {"model": data("hub_tokenizer.model")}
     return {"docs": data("docs.jsonl"), "corpus": data("docs.json")}
 
 
@@ -280,6 +283,8 @@ def shards_inputs(wildcards):
             "tokenizer": data("tokenizer.model"),
             "upstream": config["corpus"]["path"],
         }
+    if config["corpus"]["source"] == "hub_shards":
+        return {"tokenizer": data("tokenizer.model"), "upstream": data("hub_shards")}
     return {
         "tokenizer": data("tokenizer.model"),
         "docs": data("docs.jsonl"),

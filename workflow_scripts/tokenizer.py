@@ -16,5 +16,6 @@ with logged(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
         out=Path(sm.output.model),
         meta=Path(sm.output.meta),
         threads=sm.threads,
+        model=sm.input.get("model"),
         provenance=provenance(sm, stage="tokenizer"),
     )

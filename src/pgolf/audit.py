@@ -55,15 +55,16 @@ def read_record(path: Path) -> dict | None:
 
 def declared_outputs(record_path: Path) -> dict[Path, str]:
     """Files a record lists with their sha256 as its own outputs: docs.json's corpus and
-    shards.json's shards."""
+    shards.json's shards (and CaseOps val byte sidecars)."""
     if record_path.name == "docs.json":
         return {record_path.with_suffix(".jsonl"): json.loads(record_path.read_text())["sha256"]}
     if record_path.name != "shards.json":
         return {}
-    splits = json.loads(record_path.read_text()).get("splits", {})
+    record = json.loads(record_path.read_text())
+    files = [s for split in record.get("splits", {}).values()
+             for s in split.get("shards", []) + (split.get("sidecars") or [])]
     folder = record_path.with_suffix("")
-    return {folder / s["file"]: s["sha256"] for split in splits.values()
-            for s in split.get("shards", [])}
+    return {folder / s["file"]: s["sha256"] for s in files}
 
 
 @dataclass

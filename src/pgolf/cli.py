@@ -1,5 +1,5 @@
-"""The `pgolf` command: inspect shards, check configs and audit outputs without running the
-workflow."""
+"""The `pgolf` command: inspect shards, check configs, audit outputs and import upstream
+checkpoints without running the workflow."""
 
 import argparse
 import sys
@@ -35,6 +35,19 @@ def audit(path: str, root: str | None) -> int:
     return 1 if result.problems else 0
 
 
+def import_model(checkpoint: str, configs: list[str], out: str) -> None:
+    from pgolf.config import load_config, section
+    from pgolf.model.config import GPTConfig
+    from pgolf.model.importer import import_checkpoint
+
+    config = load_config(*configs)
+    cfg = section(GPTConfig, {**config["model"], "vocab_size": config["tokenizer"]["vocab_size"]},
+                  "model")
+    model = import_checkpoint(checkpoint, cfg, out)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{out}: {params} parameters from {checkpoint} (looping {model.looping})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pgolf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,12 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     lineage.add_argument("path")
     lineage.add_argument("--root", help="folder the recorded paths are relative to (default: "
                          "the one holding results/)")
+    imports = sub.add_parser("import", help="turn an upstream record's final_model.pt (a torch "
+                             "state dict) into a pgolf model.safetensors")
+    imports.add_argument("checkpoint")
+    imports.add_argument("--config", nargs="+", required=True,
+                         help="pgolf config files (merged in order) whose model section and "
+                         "tokenizer.vocab_size describe the checkpoint's model")
+    imports.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
         if args.command == "shard-info":
             shard_info(args.paths, args.bos_id)
         elif args.command == "audit":
             return audit(args.path, args.root)
+        elif args.command == "import":
+            import_model(args.checkpoint, args.config, args.out)
         else:
             check_config(args.paths)
     except ValueError as err:

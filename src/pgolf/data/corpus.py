@@ -11,7 +11,7 @@ from pgolf.data.hub import HubConfig, fetch_docs
 from pgolf.io import atomic_path, read_json, require_file, sha256_file, write_json
 from pgolf.provenance import Provenance
 
-SOURCES = ("demo", "text", "jsonl", "hf", "shards")
+SOURCES = ("demo", "text", "jsonl", "hf", "shards", "hub_shards")
 UPSTREAM_VAL_DOCS = 50_000
 
 

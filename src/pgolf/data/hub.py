@@ -1,4 +1,5 @@
-"""Download upstream's docs_selected.jsonl and its sidecar from the Hugging Face hub, verified."""
+"""Download upstream's files (docs_selected.jsonl and its sidecar, the manifest) from the Hugging
+Face hub, verified."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,17 @@ class HubConfig:
     revision: str | None = None
     endpoint: str | None = None
     cache_dir: str = "data/hf_cache"
+    # Source hub_shards (pgolf.data.hub_shards): the dataset fineweb10B_<variant> of the manifest
+    # and how many of its train shards (the first ones) to fetch.
+    variant: str = "sp8192"
+    train_shards: int = 80
+
+    def __post_init__(self):
+        if self.train_shards < 1:
+            raise ValueError(f"corpus.hf.train_shards = {self.train_shards}: must be >= 1")
+        if not self.variant or "/" in self.variant:
+            raise ValueError(f"corpus.hf.variant = {self.variant!r}: must be a dataset suffix "
+                             "such as sp8192 (the manifest's fineweb10B_<variant>)")
 
 
 def download(cfg: HubConfig, filename: str) -> Path:

@@ -127,12 +127,15 @@ def docs_for_training(docs: Iterable[str], *, val_docs: int, include_val: bool) 
 
 def build_tokenizer(cfg: TokenizerConfig, *, docs: str | None, corpus: str | None,
                     val_docs: int | None, out: Path, meta: Path, threads: int = 1,
+                    model: str | None = None,
                     provenance: Provenance | None = None) -> spm.SentencePieceProcessor:
-    """The tokenizer stage: copy a provided model, or train one; write tokenizer.json beside it."""
-    if cfg.model:
-        sp = load_tokenizer(cfg.model, vocab_size=cfg.vocab_size)
-        caseops.check_tokenizer(sp, caseops=cfg.caseops, where=f"tokenizer.model {cfg.model}")
-        write_bytes(out, Path(cfg.model).read_bytes())
+    """The tokenizer stage: copy a provided model (`model`, else tokenizer.model: the hub_shards
+    source provides the one its shards were made with), or train one; write tokenizer.json."""
+    model = model or cfg.model
+    if model:
+        sp = load_tokenizer(model, vocab_size=cfg.vocab_size)
+        caseops.check_tokenizer(sp, caseops=cfg.caseops, where=f"tokenizer.model {model}")
+        write_bytes(out, Path(model).read_bytes())
         trained_on = None
     else:
         split = val_split(val_docs, read_json(corpus))
