@@ -208,6 +208,140 @@ def test_sota_map_slices_banks_and_names_unused_rows():
     assert "record tensor 'kv_bank' is unmapped (rows [4])" in ue.map_errors(record, ours, partial)
 
 
+# ------------------------------------------------ the SOTA forward pass, from §7.2
+
+SOTA_TINY = dict(TINY, num_layers=6, loop_start=1, loop_end=2, parallel_from=4, xsa_last_n=6,
+                 parallel_lanes=2, smear_gate=True, gate_window=3, attn_gate=True,
+                 attn_gate_scale=0.5, doc_isolation=True, bos_id=1)
+
+
+def ref_attention(x, w, gain, gate, h, same_doc):
+    """§7.2 attention: R0409's (QK norm, partial RoPE, q gain, XSA) within documents, then each
+    head's output times sigmoid(scale * gate_h . x[:window])."""
+    B, T, _ = x.shape
+    H, Hkv, D = h.num_heads, h.num_kv_heads, h.model_dim // h.num_heads
+    q = rope(norm((x @ w["q"].T).view(B, T, H, D)), h.rope_dims) * gain[:, None]
+    k = rope(norm((x @ w["k"].T).view(B, T, Hkv, D)), h.rope_dims)
+    v = (x @ w["v"].T).view(B, T, Hkv, D)
+    kk, vv = k.repeat_interleave(H // Hkv, 2), v.repeat_interleave(H // Hkv, 2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, kk) / math.sqrt(D)
+    y = torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(~same_doc, float("-inf")).softmax(-1),
+                     vv)
+    vhat = F.normalize(vv, dim=-1)
+    y = y - (y * vhat).sum(-1, keepdim=True) * vhat
+    y = y * torch.sigmoid(h.sparse_attn_gate_scale * x[..., :h.gate_window] @ gate.T)[..., None]
+    return y.reshape(B, T, -1) @ w["o"].T
+
+
+class RefSOTA(nn.Module):
+    """§7.2 with the record's names: parameter banks, the BOS-masked SmearGate, sparse head
+    gates, two lanes from parallel_start_layer (skips into lane 0, attention reads lane 0 mixed
+    with x0, the MLP lane 1, mean at the end), attention within documents."""
+
+    def __init__(self, h):
+        super().__init__()
+        n, d, kv = h.num_layers, h.model_dim, h.num_kv_heads * h.model_dim // h.num_heads
+        self.h, self.looping_active = h, False
+        self.tok_emb = nn.Embedding(h.vocab_size, d)
+        self.qo_bank, self.kv_bank = nn.Parameter(torch.zeros(2 * n, d, d)), \
+            nn.Parameter(torch.zeros(2 * n, kv, d))
+        self.mlp_up_bank = nn.Parameter(torch.zeros(n, 4 * d, d))
+        self.mlp_down_bank = nn.Parameter(torch.zeros(n, d, 4 * d))
+        self.blocks = nn.ModuleList(nn.Module() for _ in range(n))
+        for b in self.blocks:
+            b.attn = nn.Module()
+            b.attn.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+            b.attn.attn_gate_w = nn.Parameter(torch.zeros(h.num_heads, h.gate_window))
+            b.attn_scale, b.mlp_scale = nn.Parameter(torch.ones(d)), nn.Parameter(torch.ones(d))
+            b.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
+        k = len(RefR0409.layers(self, True)) // 2
+        self.skip_weights = nn.Parameter(torch.ones(k, d))
+        self.skip_gates = nn.Parameter(torch.zeros(k, d))
+        self.parallel_post_lambdas = nn.Parameter(torch.ones(n, 2, 2))
+        self.parallel_resid_lambdas = nn.Parameter(torch.full((n, 2), 1.1))
+        self.smear_gate = nn.Linear(h.gate_window, 1, bias=False)
+        nn.init.zeros_(self.smear_gate.weight)  # zero w and lambda: the identity at start
+        self.smear_lambda = nn.Parameter(torch.zeros(1))
+
+    def parts(self, i, x, x0, same_doc):
+        n, b, h = self.h.num_layers, self.blocks[i], self.h
+        w = {"q": self.qo_bank[i], "o": self.qo_bank[n + i], "k": self.kv_bank[i],
+             "v": self.kv_bank[n + i]}
+        s = 1 / math.sqrt(i + 1)
+        x_in = b.resid_mix[0] * x + b.resid_mix[1] * x0
+        a = b.attn_scale * ref_attention(F.rms_norm(x_in, (h.model_dim,)) * s, w, b.attn.q_gain,
+                                         b.attn.attn_gate_w, h, same_doc)
+        def mlp(t):
+            t = F.leaky_relu(F.rms_norm(t, (h.model_dim,)) * s @ self.mlp_up_bank[i].T, 0.5)
+            return b.mlp_scale * (t ** 2 @ self.mlp_down_bank[i].T)
+        return x_in, a, mlp
+
+    def forward_logits(self, idx):
+        h = self.h
+        e = self.tok_emb(idx)
+        g = self.smear_lambda * torch.sigmoid(self.smear_gate(e[:, 1:, :h.gate_window]))
+        e = torch.cat([e[:, :1], e[:, 1:] + g * e[:, :-1] * (idx[:, 1:] != h.bos)[..., None]], 1)
+        x = x0 = F.rms_norm(e, (h.model_dim,))
+        doc = (idx == h.bos).cumsum(1)
+        T = idx.size(1)
+        same_doc = ((doc[:, :, None] == doc[:, None, :]) & torch.ones(T, T).bool().tril())[:, None]
+        seq = RefR0409.layers(self, self.looping_active)
+        enc, dec = seq[:len(seq) // 2], seq[len(seq) // 2:]
+        skips, lane1 = [], None
+        for i in enc:
+            x_in, a, mlp = self.parts(i, x, x0, same_doc)
+            x = x_in + a + mlp(x_in + a)
+            skips.append(x)
+        for j, i in enumerate(dec):
+            if i >= h.parallel_start_layer and lane1 is None:
+                lane1 = x
+            if skips:
+                x = torch.lerp(self.skip_weights[j] * skips.pop(), x,
+                               torch.sigmoid(self.skip_gates[j]))
+            x_in, a, mlp = self.parts(i, x, x0, same_doc)
+            if lane1 is None:
+                x = x_in + a + mlp(x_in + a)
+                continue
+            m, r, p = mlp(lane1), self.parallel_resid_lambdas[i], self.parallel_post_lambdas[i]
+            x, lane1 = (r[0] * x + p[0, 0] * a + p[1, 0] * m, r[1] * lane1 + p[0, 1] * a
+                        + p[1, 1] * m)
+        x = x if lane1 is None else 0.5 * (x + lane1)
+        logits = F.rms_norm(x, (h.model_dim,)) @ self.tok_emb.weight.T
+        return 30.0 * torch.tanh(logits / 30.0)
+
+    forward = RefR0409.forward
+
+
+def sota_hparams():
+    t = SOTA_TINY
+    return types.SimpleNamespace(
+        **{k: t[k] for k in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads",
+                             "qk_gain_init", "rope_dims", "loop_start", "loop_end", "num_loops",
+                             "gate_window")},
+        parallel_start_layer=t["parallel_from"], sparse_attn_gate_scale=t["attn_gate_scale"],
+        bos=t["bos_id"], skip_gates_enabled=True, smear_gate_enabled=True,
+        sparse_attn_gate_enabled=True)
+
+
+@pytest.mark.parametrize("looping", [False, True])
+def test_pgolf_gpt_is_the_sota_forward(one_thread, looping):
+    import dataclasses
+    missing = [k for k in ue.SOTA.requires if k not in {f.name for f in
+                                                        dataclasses.fields(GPTConfig)}]
+    if missing:
+        pytest.skip(f"pgolf lacks model.{', model.'.join(missing)} (the SOTA model features)")
+    h = sota_hparams()
+    torch.manual_seed(0)
+    ref, ours = RefSOTA(h), GPT(GPTConfig(**SOTA_TINY))
+    assert ue.init_errors(ref, ours, ue.sota_name_map(h)) == []
+    ue.randomize(ref, seed=1)
+    ue.transfer(ref, ours, ue.sota_name_map(h))
+    tokens = torch.randint(2, h.vocab_size, (2, 25), generator=torch.Generator().manual_seed(2))
+    tokens[:, [0, 9]], tokens[1, 17] = h.bos, h.bos  # documents, a different split per row
+    dlogit, dloss = ue.logit_difference(ref, ours, tokens, looping=looping)
+    assert dlogit < 1e-5 and dloss < 1e-5
+
+
 # ------------------------------------------------ GPTQ, from §6.4
 
 def reference_gptq(w, H, clip_sigmas, clip_range, block_size=128):
