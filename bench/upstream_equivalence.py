@@ -135,7 +135,7 @@ def load_record(path: Path, env: dict[str, str], name: str = "record") -> types.
                 continue
             try:
                 exec(compile(chunk, str(path), "exec"), module.__dict__)
-            except (SyntaxError, ImportError, RuntimeError) as err:
+            except Exception as err:  # noqa: BLE001 (named in `skipped`; a use fails loudly)
                 module.skipped.append(f"{chunk.splitlines()[0][:60]!r} ({type(err).__name__})")
     return module
 
@@ -173,7 +173,7 @@ COMMON = [Setting("num_layers", "num_layers"), Setting("model_dim", "model_dim")
           Setting("loop_end", "loop_end"), Setting("num_loops", "num_loops"),
           Setting("xsa_last_n", "xsa_last_n"), Setting("activation", fixed="leaky_relu2"),
           Setting("leaky_slope", fixed=0.5), Setting("resid_mix", fixed=True),
-          Setting("skips", fixed=True)]
+          Setting("skips", fixed=True), Setting("embed_init_std", "tied_embed_init_std")]
 
 R0409 = RecordSpec(
     name="r0409", folder=R0409_DIR, preset="configs/record-8xh100.yaml",
@@ -188,8 +188,8 @@ SOTA = RecordSpec(
          "FUSED_CE_ENABLED": "0", "MATRIX_LR": "0.026", "MIN_LR": "0.1",
          "MLP_CLIP_SIGMAS": "11.5", "ATTN_CLIP_SIGMAS": "13.0", "EMBED_CLIP_SIGMAS": "14.0",
          "EMBED_BITS": "7", "GATED_ATTN_QUANT_GATE": "1"},
-    settings=[s for s in COMMON if s.key not in ("num_layers",)] + [
-        Setting("num_layers", "num_layers"), Setting("parallel_from", "parallel_start_layer"),
+    settings=COMMON + [
+        Setting("parallel_from", "parallel_start_layer"),
         Setting("parallel_lanes", fixed=2), Setting("smear_gate", "smear_gate_enabled"),
         Setting("gate_window", "gate_window"), Setting("attn_gate", "sparse_attn_gate_enabled"),
         Setting("attn_gate_scale", "sparse_attn_gate_scale"),
@@ -218,13 +218,13 @@ def preset_model(spec: RecordSpec, root: Path = ROOT) -> dict:
     from pgolf.config import load_config
     from pgolf.model.config import GPTConfig
 
-    preset = root / spec.preset
-    if not preset.exists():
-        raise ValueError(f"pgolf lacks {spec.preset}")
     known = {f.name for f in dataclasses.fields(GPTConfig)}
     missing = [k for k in spec.requires if k not in known]
     if missing:
         raise ValueError(f"pgolf lacks model.{', model.'.join(missing)}")
+    preset = root / spec.preset
+    if not preset.exists():
+        raise ValueError(f"pgolf lacks {spec.preset}")
     config = load_config(root / "config.yaml", preset)
     return {**config["model"], "vocab_size": config["tokenizer"]["vocab_size"]}
 
@@ -241,7 +241,7 @@ def check_settings(spec: RecordSpec, model: dict, h) -> list[str]:
                                 and float(got) == float(want)):
             where = "fixed" if s.record is None else s.record.upper()
             diffs.append(f"model.{s.key}={got!r} vs {where}={want!r}")
-    unknown = set(model) - {s.key for s in spec.settings} - {"vocab_size", "embed_init_std"}
+    unknown = set(model) - {s.key for s in spec.settings} - {"vocab_size"}
     diffs += [f"model.{k}={model[k]!r} has no counterpart in the record" for k in sorted(unknown)
               if not _is_off(k, model[k])]
     return diffs
