@@ -23,6 +23,8 @@ exit status is nonzero when any line fails.
 """
 
 import argparse
+import ast
+import base64
 import contextlib
 import dataclasses
 import lzma
@@ -30,6 +32,7 @@ import os
 import re
 import sys
 import types
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,14 +49,69 @@ SOTA_DIR = "records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearF
 # ---------------------------------------------------------------- loading a record's code
 
 def record_source(path: Path) -> str:
-    """The record's Python source; a `exec(lzma.decompress(b85decode("...")))` wrapper is
-    decoded to the source it would run, without running it."""
+    """The record's Python source. A self-extracting wrapper, `exec(<codec>.decompress(
+    <base64>.b85decode("..."), **options))`, is decoded to the source it would run, without
+    running it (the options, e.g. lzma's FORMAT_RAW filters, are read, not evaluated)."""
     text = Path(path).read_text(encoding="utf-8")
-    match = re.search(r"exec\(\s*\w+\.decompress\(\s*\w+\.b85decode\(\s*(['\"])(.*?)\1", text,
-                      flags=re.S)
-    if match is None or len(text) > len(match.group(2)) + 500:
-        return text  # plain source (a wrapper is little more than its payload)
-    return lzma.decompress(__import__("base64").b85decode(match.group(2))).decode("utf-8")
+    try:
+        tree = ast.parse(text)
+    except SyntaxError:
+        return text  # not a wrapper: wrappers are plain 3.x Python
+    aliases = {a.asname or a.name: a.name for node in tree.body if isinstance(node, ast.Import)
+               for a in node.names}
+    for node in ast.walk(tree):
+        payload = _wrapped_payload(node, aliases)
+        if payload is not None:
+            return payload
+    return text
+
+
+def _brotli(data: bytes) -> bytes:
+    import brotli  # only records that ship a brotli wrapper need it
+    return brotli.decompress(data)
+
+
+CODECS = {"lzma": lzma.decompress, "brotli": _brotli, "zlib": zlib.decompress}
+DECODERS = {"b85decode": base64.b85decode, "b64decode": base64.b64decode}
+
+
+def _wrapped_payload(node, aliases: dict) -> str | None:
+    """The decoded text when `node` is exec(codec.decompress(base64.bXXdecode(<str>), ...))."""
+    if not (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "exec" and node.args
+            and isinstance(inner := node.args[0], ast.Call)):
+        return None
+    codec, decode = _attribute(inner.func, aliases), None
+    if inner.args and isinstance(inner.args[0], ast.Call):
+        decode = _attribute(inner.args[0].func, aliases)
+    if codec is None or codec[1] != "decompress" or codec[0] not in CODECS or decode is None \
+            or decode[1] not in DECODERS or not isinstance(inner.args[0].args[0], ast.Constant):
+        return None
+    options = {k.arg: _constant(k.value, aliases) for k in inner.keywords}
+    data = DECODERS[decode[1]](inner.args[0].args[0].value)
+    return (lzma.decompress(data, **options) if codec[0] == "lzma"
+            else CODECS[codec[0]](data)).decode("utf-8")
+
+
+def _attribute(node, aliases: dict) -> tuple[str, str] | None:
+    """(module, name) for `alias.name` where alias was imported in the wrapper."""
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+            and node.value.id in aliases:
+        return aliases[node.value.id], node.attr
+    return None
+
+
+def _constant(node, aliases: dict):
+    """A wrapper option's value: literals, lists, dicts, and the codec's upper-case constants
+    (lzma.FORMAT_RAW, lzma.FILTER_LZMA2); nothing else is accepted."""
+    if isinstance(node, ast.List):
+        return [_constant(e, aliases) for e in node.elts]
+    if isinstance(node, ast.Dict):
+        return {_constant(k, aliases): _constant(v, aliases)
+                for k, v in zip(node.keys, node.values, strict=True)}
+    attr = _attribute(node, aliases)
+    if attr is not None and attr[0] == "lzma" and attr[1].isupper():
+        return getattr(lzma, attr[1])
+    return ast.literal_eval(node)
 
 
 def top_level_statements(source: str) -> list[str]:

@@ -433,12 +433,23 @@ if __name__ == "__main__":
 '''
 
 
-def test_a_wrapped_record_is_decoded_without_running_it(tmp_path):
-    payload = base64.b85encode(lzma.compress(FAKE_RECORD.encode())).decode()
+RAW = {"format": lzma.FORMAT_RAW, "filters": [{"id": lzma.FILTER_LZMA2}]}
+WRAPPERS = {  # compress, and the options of the wrapper's decompress call, as records ship them
+    "lzma": (lzma.compress, ""),
+    "lzma raw (R0409)": (lambda b: lzma.compress(b, **RAW),
+                         ',format=L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}]'),
+}
+
+
+@pytest.mark.parametrize("form", WRAPPERS)
+def test_a_wrapped_record_is_decoded_without_running_it(tmp_path, form):
+    compress, options = WRAPPERS[form]
+    marker = tmp_path / "ran"
+    payload = base64.b85encode(compress(FAKE_RECORD.encode())).decode()
     wrapper = tmp_path / "train_gpt.py"
-    wrapper.write_text("import lzma as L,base64 as B\n"
-                       f"exec(L.decompress(B.b85decode('{payload}')))")
-    assert ue.record_source(wrapper) == FAKE_RECORD
+    wrapper.write_text(f"import lzma as L,base64 as B\nopen({str(marker)!r}, 'w')\n"
+                       f"exec(L.decompress(B.b85decode('{payload}'){options}))\n")
+    assert ue.record_source(wrapper) == FAKE_RECORD and not marker.exists()
     plain = tmp_path / "plain.py"
     plain.write_text(FAKE_RECORD)
     assert ue.record_source(plain) == FAKE_RECORD
