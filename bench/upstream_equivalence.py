@@ -114,13 +114,18 @@ def _constant(node, aliases: dict):
     return ast.literal_eval(node)
 
 
+CLAUSES = ("else:", "elif ", "except", "finally:")
+
+
 def top_level_statements(source: str) -> list[str]:
     """Split a module into its top-level statements: a new one starts at a line in column 0
-    that is not a closing bracket, a comment, or the body of a preceding decorator."""
+    that is not a closing bracket, a comment, a clause of a compound statement (else, except,
+    ...), or the body of a preceding decorator."""
     chunks, current = [], []
     in_string = False
     for line in source.splitlines(keepends=True):
         starts = (line[:1] not in ("", " ", "\t", "\n", ")", "]", "}", "#") and not in_string
+                  and not line.startswith(CLAUSES)
                   and not (current and current[-1].startswith("@")))
         if starts and current:
             chunks.append("".join(current))
@@ -163,6 +168,8 @@ def flash_shim() -> types.ModuleType:
 
 @contextlib.contextmanager
 def patched_environment(env: dict[str, str]):
+    """The record's environment variables set and the flash-attention shim importable, for the
+    duration; both restored afterwards."""
     saved_env = {k: os.environ.get(k) for k in env}
     saved_mod = sys.modules.get("flash_attn_interface")
     os.environ.update(env)

@@ -428,6 +428,10 @@ def decorated():
     return 3
 def attend(q, k, v):
     return fa3(q, k, v, causal=True)
+try:
+    import not_a_module_of_this_machine
+except ImportError:
+    FALLBACK = True
 if __name__ == "__main__":
     raise SystemExit("the harness must not run main")
 '''
@@ -459,7 +463,7 @@ def test_load_record_runs_top_level_statements_with_the_shim(tmp_path):
     path = tmp_path / "train_gpt.py"
     path.write_text(FAKE_RECORD)
     module = ue.load_record(path, {"GAIN": "5.25"})
-    assert module.Hyperparameters.gain == 5.25 and module.TABLE == {"a": 1}
+    assert module.Hyperparameters.gain == 5.25 and module.TABLE == {"a": 1} and module.FALLBACK
     assert module.decorated.__func__() == 3
     assert ("log_line" in "".join(module.skipped)) == (sys.version_info < (3, 12))
     q, k, v = torch.randn(2, 6, 4, 8), torch.randn(2, 6, 2, 8), torch.randn(2, 6, 2, 8)
