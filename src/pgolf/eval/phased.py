@@ -32,7 +32,7 @@ from pgolf.eval.sliding import chunk_totals, scored_targets
 from pgolf.eval.ttt import TTTConfig, lr_schedule, sequence_starts, train_chunk
 from pgolf.train.distributed import all_reduce
 
-BOS = 1  # pgolf's shards start every document with the tokenizer's BOS id
+BOS = 1  # the BOS id of pgolf's tokenizers, which starts every document of the shards
 
 
 @dataclass(kw_only=True)
@@ -238,7 +238,8 @@ class Isolated:
 
 
 def global_phase(model, tokens: np.ndarray, *, cfg: PhasesConfig, seq_len: int,
-                 device: torch.device, autocast: bool, rank: int, world: int) -> int:
+                 device: torch.device, autocast: bool, rank: int, world: int,
+                 bos: int = BOS) -> int:
     """SGD on every base-model parameter over `tokens` (the scored documents back to back), in
     chunks of cfg.chunk_tokens at a cosine learning rate across chunks, document-isolated,
     gradients summed over ranks (`ttt.train_chunk`). Returns the optimizer steps taken."""
@@ -258,7 +259,7 @@ def global_phase(model, tokens: np.ndarray, *, cfg: PhasesConfig, seq_len: int,
             group["lr"] = lrs[c]
         lo = c * cfg.chunk_tokens
         starts = sequence_starts(lo, min(lo + cfg.chunk_tokens, total), seq_len)
-        train_chunk(Isolated(model), optimizer, params, tokens, starts, cfg=step,
+        train_chunk(Isolated(model, bos), optimizer, params, tokens, starts, cfg=step,
                     seq_len=seq_len, device=device, autocast=autocast, rank=rank, world=world)
         steps += cfg.epochs * -(-len(starts) // cfg.batch_seqs)
     model.eval()
@@ -282,8 +283,9 @@ def score_batches(model, stream: np.ndarray, docs: np.ndarray, batches: list, mi
                                 seed=cfg.seed * 1_000_003 + j, device=device)
         else:
             adapters.reset_b()
-        optimizer = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                      eps=cfg.eps, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(adapters.parameters(), lr=cfg.lr,
+                                      betas=tuple(map(float, cfg.betas)), eps=cfg.eps,
+                                      weight_decay=cfg.weight_decay, fused=True)
         score_batch(Attached(model, adapters), optimizer, stream, part, lut, tally, cfg=cfg,
                     seq_len=seq_len, device=device, autocast=autocast)
 
@@ -291,15 +293,16 @@ def score_batches(model, stream: np.ndarray, docs: np.ndarray, batches: list, mi
 def phased_bpb(model, stream: np.ndarray, lut: ByteLUT, *, cfg: LoRATTTConfig, seq_len: int,
                device: torch.device, rank: int = 0, world: int = 1,
                max_tokens: int | None = None, autocast: bool = False,
-               chunk_tokens: int | None = None) -> dict:
+               chunk_tokens: int | None = None, bos: int = BOS) -> dict:
     """Phased LoRA TTT over the roundtrip targets (per-chunk sums over chunks of chunk_tokens
-    targets, as the other modes report them); the global phases adapt the model in place."""
+    targets, as the other modes report them); the global phases adapt the model in place.
+    `bos` is the tokenizer's BOS id, which starts every document."""
     if cfg.phases.num_phases and cfg.phases.chunk_tokens < seq_len:
         raise ValueError(f"lora_ttt.phases.chunk_tokens = {cfg.phases.chunk_tokens}: must be >= "
                          f"the eval seq_len ({seq_len}), the length of the sequences it trains on")
     num_targets = scored_targets(stream, seq_len, max_tokens)
     stream = stream[:num_targets + 1]
-    docs = find_docs(stream)
+    docs = find_docs(stream, bos)
     batches = doc_batches(docs, cfg.batch_docs)
     plan = phase_plan(batches, cfg.phases)
     tally = Tally.zeros(num_targets, chunk_tokens or num_targets, device)
@@ -318,7 +321,7 @@ def phased_bpb(model, stream: np.ndarray, lut: ByteLUT, *, cfg: LoRATTTConfig, s
             chosen = docs[np.concatenate(batches)[:boundary]]
             tokens = np.concatenate([stream[s:s + n] for s, n in chosen])
             steps = global_phase(model, tokens, cfg=cfg.phases, seq_len=seq_len, device=device,
-                                 autocast=autocast, rank=rank, world=world)
+                                 autocast=autocast, rank=rank, world=world, bos=bos)
             seconds["global"] += time.perf_counter() - start
             phases.append({"after_batch": last, "docs": boundary, "tokens": len(tokens),
                            "steps": steps})

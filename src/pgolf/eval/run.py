@@ -90,7 +90,7 @@ def artifact_model(path: Path) -> GPT:
 
 
 def score(mode: str, model, stream, lut: ByteLUT, *, cfg: EvalConfig, ttt: TTTConfig,
-          dist: distributed.Dist, lora: LoRATTTConfig | None = None) -> dict:
+          dist: distributed.Dist, lora: LoRATTTConfig | None = None, bos: int = 1) -> dict:
     autocast = dist.device.type == "cuda" if cfg.autocast is None else cfg.autocast
     common = dict(seq_len=cfg.seq_len, batch_seqs=cfg.batch_seqs, device=dist.device,
                   rank=dist.rank, world=dist.world, max_tokens=cfg.max_tokens, autocast=autocast)
@@ -98,7 +98,7 @@ def score(mode: str, model, stream, lut: ByteLUT, *, cfg: EvalConfig, ttt: TTTCo
         del common["batch_seqs"]
         lora = lora or LoRATTTConfig()
         return {**phased_bpb(model, stream, lut, cfg=lora, chunk_tokens=ttt.chunk_tokens,
-                             **common), "lora_ttt": asdict(lora)}
+                             bos=bos, **common), "lora_ttt": asdict(lora)}
     if mode != "ttt":  # stride = seq_len is roundtrip's windows; per-chunk sums on TTT's
         # chunks pair any two modes over the same chunks (their noise floor)
         stride = cfg.seq_len if mode in ("prequant", "roundtrip") else cfg.stride
@@ -122,9 +122,10 @@ def run_eval(args, spec: dict, dist: distributed.Dist) -> dict:
     model.to(dist.device).eval()
     if cfg.compile:
         model.compile(dynamic=False)
-    lut = ByteLUT.from_tokenizer(load_tokenizer(args.tokenizer), model.cfg.vocab_size)
+    sp = load_tokenizer(args.tokenizer)
+    lut = ByteLUT.from_tokenizer(sp, model.cfg.vocab_size)
     result = score(args.mode, model, val_stream(args.shards), lut, cfg=cfg, ttt=ttt, dist=dist,
-                   lora=lora)
+                   lora=lora, bos=sp.bos_id())
     if not math.isfinite(result["loss"]):
         raise ValueError(f"{source}: non-finite {args.mode} loss {result['loss']}")
     result = {"mode": args.mode, "source": str(source), **result,
