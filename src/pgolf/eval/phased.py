@@ -176,16 +176,16 @@ def score_batch(attached: Attached, optimizer, stream: np.ndarray, docs: np.ndar
                 lut: ByteLUT, tally: Tally, *, cfg: LoRATTTConfig, seq_len: int,
                 device: torch.device, autocast: bool) -> None:
     """Score one batch of documents chunk by chunk, one optimizer step after each chunk."""
+    def put(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a).to(device)
+
     num_chunks = -(-(int(docs[:, 1].max()) - 1) // cfg.chunk_size)
     for ci in range(num_chunks):
         c = chunk_inputs(stream, docs, ci, chunk_size=cfg.chunk_size, seq_len=seq_len)
         prev = np.take_along_axis(c["x"], c["cols"], 1)
         target = np.take_along_axis(c["y"], c["cols"], 1)
-
-        def put(a):
-            return torch.from_numpy(a).to(device)
+        every = len(c["rows"]) == len(docs)  # no slice gather while all documents run
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            every = len(c["rows"]) == len(docs)  # no slice gather while all documents run
             nll = attached(put(c["x"]), put(target), None if every else put(c["rows"]),
                            put(c["cols"]))
         scored = c["scored"]
