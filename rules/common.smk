@@ -56,9 +56,14 @@ def check_eval():
         "eval.max_tokens": (section["max_tokens"] or seq_len, "at least"),
         "ttt.chunk_tokens": (config["ttt"]["chunk_tokens"], "at least"),
     }
-    phases = config["lora_ttt"]["phases"]
-    if "phased_ttt" in section["modes"] and phases["num_phases"]:
-        limits["lora_ttt.phases.chunk_tokens"] = (phases["chunk_tokens"], "at least")
+    lora = config["lora_ttt"]
+    if "phased_ttt" in section["modes"]:
+        limits["lora_ttt.chunk_size"] = (lora["chunk_size"], "at most")
+        if lora["phases"]["num_phases"]:
+            limits["lora_ttt.phases.chunk_tokens"] = (
+                lora["phases"]["chunk_tokens"],
+                "at least",
+            )
     for key, (value, bound) in limits.items():
         if (value > seq_len) if bound == "at most" else (value < seq_len):
             raise config_error(

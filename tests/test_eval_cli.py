@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 SEQ = 32
 SPEC = {"eval": {"seq_len": SEQ, "stride": 8, "batch_seqs": 16, "max_tokens": 4096},
         "guard": {}, "ttt": {"chunk_tokens": 1024, "epochs": 1, "lr": 0.02, "batch_seqs": 8},
-        "lora_ttt": {"rank": 4, "alpha": 8.0, "lr": 0.003, "warm_start_a": False,
+        "lora_ttt": {"chunk_size": 16, "rank": 4, "alpha": 8.0, "lr": 0.003, "warm_start_a": False,
                      "phases": {"num_phases": 0}}}
 
 

@@ -268,5 +268,7 @@ def test_config_errors_name_the_key():
         section(LoRATTTConfig, {"phases": {"epoch": 2}}, "lora_ttt")
     with pytest.raises(ValueError, match=r"lora_ttt.betas = \[0.9\]"):
         LoRATTTConfig(betas=[0.9])
+    with pytest.raises(ValueError, match=r"lora_ttt.chunk_size = 48: must be <= the eval seq_len"):
+        run(tiny_model(), doc_stream([50]), cfg(chunk_size=48))
     with pytest.raises(ValueError, match=r"lora_ttt.phases.chunk_tokens = 16: must be >= "):
         run(tiny_model(), doc_stream([50]), cfg(phases={"chunk_tokens": 16}))

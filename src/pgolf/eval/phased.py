@@ -297,6 +297,9 @@ def phased_bpb(model, stream: np.ndarray, lut: ByteLUT, *, cfg: LoRATTTConfig, s
     """Phased LoRA TTT over the roundtrip targets (per-chunk sums over chunks of chunk_tokens
     targets, as the other modes report them); the global phases adapt the model in place.
     `bos` is the tokenizer's BOS id, which starts every document."""
+    if cfg.chunk_size > seq_len:  # a window ending at the chunk's end must hold all of it
+        raise ValueError(f"lora_ttt.chunk_size = {cfg.chunk_size}: must be <= the eval seq_len "
+                         f"({seq_len}), the context window that scores a chunk")
     if cfg.phases.num_phases and cfg.phases.chunk_tokens < seq_len:
         raise ValueError(f"lora_ttt.phases.chunk_tokens = {cfg.phases.chunk_tokens}: must be >= "
                          f"the eval seq_len ({seq_len}), the length of the sequences it trains on")
