@@ -21,6 +21,7 @@ from pgolf.eval.phased import (
     chunk_window,
     doc_batches,
     find_docs,
+    phase_docs,
     phase_plan,
     phased_bpb,
 )
@@ -83,11 +84,14 @@ def test_chunk_windows_and_batch_order():
     assert [chunk_window(ci, 100, 48, 64) for ci in range(3)] == [
         (0, 48, 0, 48), (32, 64, 16, 48), (36, 64, 60, 4)]
     docs = np.array([[0, 5], [5, 9], [14, 2], [16, 7], [23, 3]])
-    batches = doc_batches(docs, 2)  # by length 2 3 | 5 7 | 9, the longest batch first
-    assert [b.tolist() for b in batches] == [[1], [0, 3], [2, 4]]
-    # 5 documents, 3 phases at 1, 3 and 4 documents: after batches 0, 1 and 2
-    assert phase_plan(batches, PhasesConfig(prefix_docs=4, num_phases=3)) == [
+    batches, queue = doc_batches(docs, 2)  # by length 2 3 | 5 7 | 9, the longest batch first
+    assert [b.tolist() for b in batches] == [[2, 4], [0, 3], [1]] and queue == [2, 1, 0]
+    # 3 phases at 1, 2 and 4 of 5 documents: after queue positions 0, 1 and 2
+    assert phase_plan([1, 2, 2], PhasesConfig(prefix_docs=4, num_phases=3)) == [
         (0, 1), (1, 2), (2, 4)]
+    # once the 9 and then 5, 7 ran, a phase of 2 documents trains on 5 and 7 (the record's
+    # (batch, position) order puts the later, shorter batch first)
+    assert phase_docs(batches, queue[:2], 2).tolist() == [0, 3]
 
 
 def merged_copy(model, layer, name, delta):

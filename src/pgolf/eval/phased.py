@@ -8,10 +8,10 @@ document), then, unless it is the document's last chunk, one AdamW step on the c
 The score and the step come from one forward pass, so a chunk is scored before any update that
 saw it. B restarts at zero per batch; A is kept warm across a rank's batches (warm_start_a).
 
-Phases: once the first prefix_docs documents (in batch order) are scored, at num_phases even
-boundaries, SGD trains every base-model parameter on the documents scored so far (exactly the
-first `boundary` of them; each document its own sequences, so no token sees another document),
-gradients summed over ranks; then the adapters are made afresh and scoring goes on.
+Phases: at num_phases even boundaries of the first prefix_docs documents scored, SGD trains
+every base-model parameter on documents already scored (`boundary` of them, taken in the
+record's (batch, position) order; packed rows cut at every BOS, so no token sees another
+document), gradients summed over ranks; then the adapters are made afresh and scoring goes on.
 
 Ranks: the record pulls batches from a locked counter file; here batch j of a phase goes to rank
 j % world, a static split, so the result is reproducible. With warm_start_a the A a batch starts
@@ -95,12 +95,19 @@ def find_docs(stream: np.ndarray, bos: int = BOS) -> np.ndarray:
     return docs[docs[:, 1] >= 2]  # a BOS as the very last token predicts nothing
 
 
-def doc_batches(docs: np.ndarray, batch_docs: int) -> list[np.ndarray]:
-    """Indices of `docs` sorted by length (stable) and cut into batches of batch_docs, the batch
-    with the longest document first (the record's queue order)."""
+def doc_batches(docs: np.ndarray, batch_docs: int) -> tuple[list[np.ndarray], list[int]]:
+    """Indices of `docs` sorted by length (stable) and cut into batches of batch_docs, and the
+    order they run in: the batch with the longest document first (the record's queue)."""
     order = np.argsort(docs[:, 1], kind="stable")
     batches = [order[i:i + batch_docs] for i in range(0, len(order), batch_docs)]
-    return sorted(batches, key=lambda b: -int(docs[b, 1].max()))
+    queue = sorted(range(len(batches)), key=lambda j: -int(docs[batches[j], 1].max()))
+    return batches, queue
+
+
+def phase_docs(batches: list[np.ndarray], scored: list[int], boundary: int) -> np.ndarray:
+    """The documents a phase trains on: of the scored batches' documents, ordered by (batch,
+    position in it) as the record orders them, the first `boundary`."""
+    return np.concatenate([batches[j] for j in sorted(scored)])[:boundary]
 
 
 def chunk_window(ci: int, pred_len: int, chunk_size: int, seq_len: int):
@@ -199,12 +206,11 @@ def score_batch(attached: Attached, optimizer, stream: np.ndarray, docs: np.ndar
             optimizer.step()
 
 
-def phase_plan(batches: list[np.ndarray], cfg: PhasesConfig) -> list[tuple[int, int]]:
-    """(last batch index before the phase, documents it trains on) per global phase: a phase runs
-    once the batches holding its first `boundary` documents (in batch order) are scored."""
-    total = sum(len(b) for b in batches)
-    prefix = min(cfg.prefix_docs, total)
-    ends = np.cumsum([len(b) for b in batches])
+def phase_plan(sizes: list[int], cfg: PhasesConfig) -> list[tuple[int, int]]:
+    """(last queue position before the phase, documents it trains on) per global phase, for
+    batches of `sizes` documents in queue order: a phase runs once `boundary` are scored."""
+    prefix = min(cfg.prefix_docs, sum(sizes))
+    ends = np.cumsum(sizes)
     plan = []
     for k in range(cfg.num_phases):
         boundary = prefix * (k + 1) // cfg.num_phases
@@ -272,9 +278,9 @@ def global_phase(model, tokens: np.ndarray, *, cfg: PhasesConfig, seq_len: int,
 def score_batches(model, stream: np.ndarray, docs: np.ndarray, batches: list, mine: list,
                   lut: ByteLUT, tally: Tally, *, cfg: LoRATTTConfig, seq_len: int,
                   device: torch.device, autocast: bool) -> None:
-    """Score this rank's batches (indices `mine`) of one phase. Each batch gets fresh B and fresh
-    optimizer state; A is made afresh per batch, or once per phase with warm_start_a (again if
-    the batch size changes, as the record makes a new adapter then)."""
+    """Score this rank's batches (indices `mine`, in order) of one phase. Each batch gets fresh
+    B and fresh optimizer state; A is made afresh per batch, or once per phase with
+    warm_start_a (again if the batch size changes, as the record makes a new adapter then)."""
     adapters = None
     for j in mine:
         part = docs[batches[j]]
@@ -306,8 +312,8 @@ def phased_bpb(model, stream: np.ndarray, lut: ByteLUT, *, cfg: LoRATTTConfig, s
     num_targets = scored_targets(stream, seq_len, max_tokens)
     stream = stream[:num_targets + 1]
     docs = find_docs(stream, bos)
-    batches = doc_batches(docs, cfg.batch_docs)
-    plan = phase_plan(batches, cfg.phases)
+    batches, queue = doc_batches(docs, cfg.batch_docs)
+    plan = phase_plan([len(batches[j]) for j in queue], cfg.phases)
     tally = Tally.zeros(num_targets, chunk_tokens or num_targets, device)
     model.eval()
     for p in model.parameters():
@@ -315,13 +321,13 @@ def phased_bpb(model, stream: np.ndarray, lut: ByteLUT, *, cfg: LoRATTTConfig, s
     seconds, phases, first = {"score": 0.0, "global": 0.0}, [], 0
     for last, boundary in [*plan, (len(batches) - 1, 0)]:
         start = time.perf_counter()
-        score_batches(model, stream, docs, batches, list(range(first, last + 1))[rank::world],
-                      lut, tally, cfg=cfg, seq_len=seq_len, device=device, autocast=autocast)
+        score_batches(model, stream, docs, batches, queue[first:last + 1][rank::world], lut,
+                      tally, cfg=cfg, seq_len=seq_len, device=device, autocast=autocast)
         seconds["score"] += time.perf_counter() - start
         first = max(first, last + 1)
         if boundary:
             start = time.perf_counter()
-            chosen = docs[np.concatenate(batches)[:boundary]]
+            chosen = docs[phase_docs(batches, queue[:last + 1], boundary)]
             tokens = np.concatenate([stream[s:s + n] for s, n in chosen])
             steps = global_phase(model, tokens, cfg=cfg.phases, seq_len=seq_len, device=device,
                                  autocast=autocast, rank=rank, world=world, bos=bos)
