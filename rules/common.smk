@@ -245,7 +245,7 @@ def eval_launcher():
 
 def eval_inputs(wildcards):
     """roundtrip reads the float checkpoint (the guard's report) and prequant's result; the
-    other modes wait for roundtrip, so a guarded artifact costs no further evaluation."""
+    other modes wait for roundtrip: a guarded artifact costs no further evaluation."""
     inputs = {
         "artifact": seed_path("artifact/{policy}.pgz"),
         "shards": data("shards"),
