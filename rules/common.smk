@@ -56,6 +56,14 @@ def check_eval():
         "eval.max_tokens": (section["max_tokens"] or seq_len, "at least"),
         "ttt.chunk_tokens": (config["ttt"]["chunk_tokens"], "at least"),
     }
+    lora = config["lora_ttt"]
+    if "phased_ttt" in section["modes"]:
+        limits["lora_ttt.chunk_size"] = (lora["chunk_size"], "at most")
+        if lora["phases"]["num_phases"]:
+            limits["lora_ttt.phases.chunk_tokens"] = (
+                lora["phases"]["chunk_tokens"],
+                "at least",
+            )
     for key, (value, bound) in limits.items():
         if (value > seq_len) if bound == "at most" else (value < seq_len):
             raise config_error(
@@ -216,6 +224,8 @@ def eval_spec(mode):
     spec["ttt"] = {"chunk_tokens": config["ttt"]["chunk_tokens"]}
     if mode == "ttt":
         spec["ttt"] = config["ttt"]
+    if mode == "phased_ttt":
+        spec["lora_ttt"] = config["lora_ttt"]
     return json.dumps(spec, sort_keys=True)
 
 
@@ -236,8 +246,8 @@ def eval_launcher():
 
 
 def eval_inputs(wildcards):
-    """roundtrip reads the float checkpoint (the guard's report) and prequant's result; sliding
-    and ttt wait for roundtrip, so a guarded artifact costs no further evaluation."""
+    """roundtrip reads the float checkpoint (the guard's report) and prequant's result; the
+    other modes wait for roundtrip: a guarded artifact costs no further evaluation."""
     inputs = {
         "artifact": seed_path("artifact/{policy}.pgz"),
         "shards": data("shards"),

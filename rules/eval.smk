@@ -1,5 +1,6 @@
 # Evaluation: prequant scores the float checkpoint once per seed (one file per policy); roundtrip,
-# sliding and ttt rebuild the model from the packed artifact alone. Then the seed statistics.
+# sliding, ttt and phased_ttt rebuild the model from the packed artifact alone. Then the seed
+# statistics.
 
 
 rule eval_prequant:
@@ -43,7 +44,7 @@ rule eval:
     benchmark:
         bench("eval_seed{seed}_{policy}_{mode}")
     wildcard_constraints:
-        mode="roundtrip|sliding|ttt",
+        mode="roundtrip|sliding|ttt|phased_ttt",
     conda:
         "../envs/pgolf.yaml"
     threads: config["eval"]["nproc"]

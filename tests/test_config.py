@@ -97,6 +97,7 @@ def schema_defaults(spec: dict) -> dict:
 def test_schema_defaults_equal_the_dataclass_defaults():
     import dataclasses
 
+    from pgolf.eval.phased import LoRATTTConfig
     from pgolf.model.gpt import GPTConfig
     from pgolf.train.trainer import TrainConfig
 
@@ -107,3 +108,4 @@ def test_schema_defaults_equal_the_dataclass_defaults():
     assert defaults["model"] == model
     assert defaults["train"] == dataclasses.asdict(TrainConfig())
     assert defaults["tokenizer"] == dataclasses.asdict(TokenizerConfig())
+    assert defaults["lora_ttt"] == dataclasses.asdict(LoRATTTConfig())

@@ -24,7 +24,9 @@ from pgolf.quant.gptq import GPTQConfig
 pytestmark = pytest.mark.slow
 SEQ = 32
 SPEC = {"eval": {"seq_len": SEQ, "stride": 8, "batch_seqs": 16, "max_tokens": 4096},
-        "guard": {}, "ttt": {"chunk_tokens": 1024, "epochs": 1, "lr": 0.02, "batch_seqs": 8}}
+        "guard": {}, "ttt": {"chunk_tokens": 1024, "epochs": 1, "lr": 0.02, "batch_seqs": 8},
+        "lora_ttt": {"chunk_size": 16, "rank": 4, "alpha": 8.0, "lr": 0.003, "warm_start_a": False,
+                     "phases": {"num_phases": 0}}}
 
 
 def seed_bug_dedup(tensors: dict) -> dict:
@@ -145,13 +147,13 @@ def test_guard_verdicts():
 def test_two_gloo_processes_match_one(setup, tmp_path):
     root, _ = setup
     results = {}
-    for mode in ("sliding", "ttt"):
+    for mode in ("sliding", "ttt", "phased_ttt"):
         for nproc in (1, 2):
             out = tmp_path / f"{mode}{nproc}.json"
             done = run_eval(setup, mode, out, nproc=nproc, artifact=root / "default.pgz")
             assert done.returncode == 0, done.stdout + done.stderr
             results[mode, nproc] = read_json(out)
-    for mode in ("sliding", "ttt"):
+    for mode in ("sliding", "ttt", "phased_ttt"):
         one, two = results[mode, 1], results[mode, 2]
         assert two["world_size"] == 2 and (one["tokens"], one["bytes"]) == (two["tokens"],
                                                                           two["bytes"])
@@ -161,6 +163,9 @@ def test_two_gloo_processes_match_one(setup, tmp_path):
     assert results["ttt", 2]["bpb"] == pytest.approx(results["ttt", 1]["bpb"], rel=1e-5)
     assert results["ttt", 1]["bpb"] < results["sliding", 1]["bpb"]
     assert results["ttt", 1]["lr_schedule"][0] == SPEC["ttt"]["lr"]
+    assert results["phased_ttt", 2]["bpb"] == pytest.approx(results["phased_ttt", 1]["bpb"],
+                                                            rel=1e-9)  # one batch: rank 0's
+    assert results["phased_ttt", 1]["lora_ttt"]["rank"] == SPEC["lora_ttt"]["rank"]
     # one sequence a step: rank 0 has none in every step and still joins the all-reduce
     single = {**SPEC, "ttt": {**SPEC["ttt"], "batch_seqs": 1}}
     for nproc in (1, 2):

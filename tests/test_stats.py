@@ -109,6 +109,18 @@ def test_seed_statistics_are_the_paired_statistics_of_the_eval_results():
     assert "&lt;b&gt;" in html_page("# x\n\n<b> is text")
 
 
+def test_phased_ttt_follows_ttt_and_pairs_with_sliding_over_chunks():
+    evals, artifacts = fake_run([1, 2], np.random.default_rng(1))
+    for (s, p, mode), result in list(evals.items()):
+        if mode == "ttt":
+            evals[s, p, "phased_ttt"] = {**result, "bpb": result["bpb"] - 0.01}
+    stats = seed_statistics(evals, artifacts, seeds=[1, 2], policies=["uniform", "rd"],
+                            modes=["phased_ttt", "sliding", "ttt"])
+    assert stats["modes"] == ["sliding", "ttt", "phased_ttt"]
+    pairs = {(r["from"], r["to"]) for r in stats["within_runs"]}
+    assert pairs == {("sliding", "ttt"), ("sliding", "phased_ttt")}
+
+
 def test_one_seed_has_no_paired_statistics_and_strict_json():
     evals, artifacts = fake_run([7], np.random.default_rng(1))
     stats = seed_statistics(evals, artifacts, seeds=[7], policies=["uniform", "rd"],

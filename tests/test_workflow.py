@@ -241,6 +241,12 @@ def test_eval_edits_rerun_only_their_modes(finished):
     finished.write_config({**config, "eval": {**config["eval"],
                                               "modes": ["prequant", "roundtrip"]}})
     assert finished.planned() == {"seeds": 1, "submission": 1, "all": 1}
+    finished.write_config({**config, "lora_ttt": {"rank": 4, "phases": {"num_phases": 0}}})
+    assert finished.planned() == {}  # phased_ttt is off unless listed
+    finished.write_config({**config, "lora_ttt": {"rank": 4, "phases": {"num_phases": 0}},
+                           "eval": {**config["eval"], "modes": [
+                               "prequant", "roundtrip", "sliding", "ttt", "phased_ttt"]}})
+    assert finished.planned() == {"eval": 2, "seeds": 1, "submission": 1, "all": 1}
 
 
 def test_analysis_edits_rerun_only_that_analysis(finished):

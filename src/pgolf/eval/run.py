@@ -4,7 +4,8 @@
 
 `prequant` scores the float checkpoint; every other mode rebuilds the model from the packed
 artifact alone (the config stored in it, dequantized weights): what is scored is what ships.
-`roundtrip` then applies the damage-gap guard against prequant's result. Rank 0 writes the JSON.
+`roundtrip` then applies the damage-gap guard against prequant's result. `phased_ttt` is the SOTA
+record's phased LoRA TTT (pgolf.eval.phased). Rank 0 writes the JSON.
 """
 
 import argparse
@@ -18,9 +19,10 @@ from pathlib import Path
 import torch
 
 from pgolf.config import section
-from pgolf.data.bytecount import ByteCounter, byte_counter
+from pgolf.data.bytecount import ByteCounter, byte_counter, load_tokenizer
 from pgolf.eval.bpb import val_stream
 from pgolf.eval.guard import GuardConfig, check_damage_gap, tensor_damage
+from pgolf.eval.phased import LoRATTTConfig, phased_bpb
 from pgolf.eval.sliding import sliding_bpb
 from pgolf.eval.ttt import TTTConfig, ttt_bpb
 from pgolf.io import read_json, write_json
@@ -30,7 +32,7 @@ from pgolf.provenance import Provenance
 from pgolf.quant.artifact import dequantize_tensors, read_artifact
 from pgolf.train import distributed
 
-MODES = ("prequant", "roundtrip", "sliding", "ttt")
+MODES = ("prequant", "roundtrip", "sliding", "ttt", "phased_ttt")
 
 
 @dataclass(kw_only=True)
@@ -54,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m pgolf.eval", description=__doc__.split("\n")[0])
     p.add_argument("--mode", choices=MODES, required=True)
     p.add_argument("--spec", required=True, help='JSON {"eval": {...}, "guard": {...}, '
-                   '"ttt": {...}}: the slices this mode reads')
+                   '"ttt": {...}, "lora_ttt": {...}}: the slices this mode reads')
     p.add_argument("--model", type=Path, help="float checkpoint (prequant; the guard's report)")
     p.add_argument("--artifact", type=Path, help="packed artifact (every mode but prequant)")
     p.add_argument("--prequant", type=Path, help="prequant result (roundtrip's guard)")
@@ -88,10 +90,15 @@ def artifact_model(path: Path) -> GPT:
 
 
 def score(mode: str, model, stream, counter: ByteCounter, *, cfg: EvalConfig, ttt: TTTConfig,
-          dist: distributed.Dist) -> dict:
+          dist: distributed.Dist, lora: LoRATTTConfig | None = None, bos: int = 1) -> dict:
     autocast = dist.device.type == "cuda" if cfg.autocast is None else cfg.autocast
     common = dict(seq_len=cfg.seq_len, batch_seqs=cfg.batch_seqs, device=dist.device,
                   rank=dist.rank, world=dist.world, max_tokens=cfg.max_tokens, autocast=autocast)
+    if mode == "phased_ttt":  # documents in chunks of its own; sums over TTT's chunks to pair
+        del common["batch_seqs"]
+        lora = lora or LoRATTTConfig()
+        return {**phased_bpb(model, stream, counter, cfg=lora, chunk_tokens=ttt.chunk_tokens,
+                             bos=bos, **common), "lora_ttt": asdict(lora)}
     if mode != "ttt":  # stride = seq_len is roundtrip's windows; per-chunk sums on TTT's
         # chunks pair any two modes over the same chunks (their noise floor)
         stride = cfg.seq_len if mode in ("prequant", "roundtrip") else cfg.stride
@@ -104,6 +111,7 @@ def score(mode: str, model, stream, counter: ByteCounter, *, cfg: EvalConfig, tt
 def run_eval(args, spec: dict, dist: distributed.Dist) -> dict:
     cfg = section(EvalConfig, spec.get("eval"), "eval")
     ttt = section(TTTConfig, spec.get("ttt"), "ttt")
+    lora = section(LoRATTTConfig, spec.get("lora_ttt"), "lora_ttt")
     if cfg.nproc != dist.world:
         raise ValueError(f"eval.nproc={cfg.nproc} but {dist.world} processes were started")
     source = args.model if args.mode == "prequant" else args.artifact
@@ -115,8 +123,9 @@ def run_eval(args, spec: dict, dist: distributed.Dist) -> dict:
     if cfg.compile:
         model.compile(dynamic=False)
     counter = byte_counter(args.shards, args.tokenizer, model.cfg.vocab_size)
+    bos = load_tokenizer(args.tokenizer).bos_id()
     result = score(args.mode, model, val_stream(args.shards), counter, cfg=cfg, ttt=ttt,
-                   dist=dist)
+                   dist=dist, lora=lora, bos=bos)
     if not math.isfinite(result["loss"]):
         raise ValueError(f"{source}: non-finite {args.mode} loss {result['loss']}")
     result = {"mode": args.mode, "source": str(source), **result,

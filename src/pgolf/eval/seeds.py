@@ -12,7 +12,7 @@ from pgolf.eval.stats import paired, spread
 from pgolf.io import read_json, write_bytes, write_json
 from pgolf.provenance import Provenance
 
-ORDER = ("prequant", "roundtrip", "sliding", "ttt")
+ORDER = ("prequant", "roundtrip", "sliding", "ttt", "phased_ttt")
 
 
 def finite(value):
@@ -34,7 +34,8 @@ def mode_pairs(modes: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-WITHIN_RUN = (("prequant", "roundtrip"), ("sliding", "ttt"))  # quantization damage; TTT's gain
+# quantization damage; the gains of TTT and of phased LoRA TTT
+WITHIN_RUN = (("prequant", "roundtrip"), ("sliding", "ttt"), ("sliding", "phased_ttt"))
 
 
 def chunk_paired(after: dict, before: dict) -> dict:
