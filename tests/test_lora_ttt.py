@@ -131,7 +131,7 @@ def test_o_and_mlp_adapters_add_from_the_normed_input(site):
     got = Attached(model, adapters)(x, y)
     module = model.blocks[0].attn if site == "o" else model.blocks[0].mlp
     plain = module.forward
-    module.forward = lambda h: plain(h) + h @ lora.A[0].T @ lora.B[0].T  # the record's rule
+    module.forward = lambda h, *mask: plain(h, *mask) + h @ lora.A[0].T @ lora.B[0].T  # record rule
     try:
         torch.testing.assert_close(got, model(x, y, reduction="none"), rtol=1e-5, atol=1e-5)
     finally:
