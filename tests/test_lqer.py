@@ -230,7 +230,8 @@ def test_export_applies_the_allocations_corrections_at_int7(tiny, tmp_path):
     W = state["tok_emb.weight"]
     # the int7 grid: k7 std / 63 per row
     assert torch.equal(loaded["tok_emb.weight"].scales, sdclip_scales(W, bits=7, clip_sigmas=16.0))
-    plain = loaded["tok_emb.weight"].codes.float() * loaded["tok_emb.weight"].scales.float()[:, None]
+    emb = loaded["tok_emb.weight"]
+    plain = emb.codes.float() * emb.scales.float()[:, None]
     fixed = dequantize_tensors(loaded)["tok_emb.weight"]
     assert float((W - fixed).norm()) < float((W - plain).norm())
     with pytest.raises(ValueError, match="lqer.rank = 40: above the rank 32 of blocks.0"):
@@ -312,7 +313,8 @@ def test_dag_refuses_bad_lqer_settings_before_any_job(workflow, tmp_path, sotu_t
     write_jsonl(workflow.root / "d.jsonl", sotu_texts[:1])
     base = {"run": "t", "corpus": {"source": "jsonl", "path": "d.jsonl"}}  # config.yaml's model
     for extra, words in (({"lqer": {"rank": 65}},
-                          "lqer.rank = 65: above the rank 64 of blocks.0.attn.c_k.weight (64 x 128)"),
+                          "lqer.rank = 65: above the rank 64 of blocks.0.attn.c_k.weight "
+                          "(64 x 128)"),
                          ({"allocate": {"uniform": {"lqer_top_k": 3}}},
                           "allocate.uniform.lqer_top_k = 3 needs lqer.rank > 0")):
         workflow.write_config({**base, **extra})

@@ -112,7 +112,7 @@ def correction(E: torch.Tensor, cfg: LQERConfig, rank: int | None = None) -> Low
     A, B = U[:, :r] * S[:r], Vh[:r]
     a_codes, a_scale = quantize_asym(A.reshape(1, -1), cfg.a_bits)
     b_codes, b_scales = quantize_asym(groups_of(B, cfg.group), cfg.b_bits)
-    return LowRank(a_codes.view(A.shape), a_scale.reshape(()), 
+    return LowRank(a_codes.view(A.shape), a_scale.reshape(()),
                    b_codes.reshape(-1)[:B.numel()].view(B.shape), b_scales,
                    cfg.a_bits, cfg.b_bits, cfg.group)
 
