@@ -32,7 +32,7 @@ from pgolf.io import write_json
 from pgolf.model.checkpoint import read_config
 from pgolf.model.config import GPTConfig, quantizable_matrices
 from pgolf.provenance import Provenance
-from pgolf.quant.artifact import Quantized, pack_artifact, quantized_bytes
+from pgolf.quant.artifact import LQER_MODULE, Quantized, pack_artifact, quantized_bytes
 from pgolf.quant.codebytes import CHALLENGE_BYTES, code_bytes
 
 POLICIES = ("uniform", "rd")
@@ -229,7 +229,9 @@ def budget_bytes(cfg: RDConfig, model_path: Path, curves: dict, reference: dict 
     most = {n: max(b for b, _ in options) for n, options in curves.items()}
     fixed = placeholder_fixed_bytes(model_path, most)
     if cfg.budget == "challenge":
-        code = code_bytes()["bytes"]
+        # with LQER options, the decoder may need lqer.py: counted whether or not rd picks one
+        lqer = (LQER_MODULE.replace(".", "/") + ".py",) if lqer_measured(curves) else ()
+        code = code_bytes(extra=lqer)["bytes"]
         total, source = limit_bytes - code, f"{limit_bytes:,} B limit - {code:,} B code"
     else:
         total, source = int(cfg.budget), "config"

@@ -5,10 +5,9 @@ header: brotli-compressed UTF-8 JSON {"tensors": [[name, shape, bits or null], .
 "lengths": [section bytes, ...], "fp16": "rans" (the fp16 group's coding) or null, "crc32": of all
 sections, "meta": the caller's} | sections, back to back: one per quantized tensor, in the order
 of "tensors", then the fp16 group.
-Version 4 adds LQER corrections (pgolf.quant.lqer): the header's "lqer": [[name, rank, a_bits,
-b_bits, group], ...] lists the quantized tensors that carry one, and their sections (lqer.encode)
-follow the fp16 group in that order. An artifact without corrections is written as version 3,
-byte for byte as before; both versions are read.
+Version 4 adds LQER corrections: the header's "lqer" and their sections after the fp16 group
+(pgolf.quant.lqer, imported only where corrections are, so only then counted as code bytes).
+Without corrections the artifact is version 3, byte for byte as before; both versions are read.
 A quantized tensor (int codes in [-qmax, qmax], one fp16 scale per row) is coded alone by
 codec.encode_tensor: context-modelled rANS over codes and scales (row references, row and column
 classes, chosen per tensor by size), so quantized_bytes() is exactly its section's size and the
@@ -43,11 +42,9 @@ from pgolf.quant.codec import (
     encode_tensor,
     qmax,
 )
-from pgolf.quant.lqer import LowRank
-from pgolf.quant.lqer import decode as decode_lqer
-from pgolf.quant.lqer import encode as encode_lqer
 
 OPTIONAL_CODECS = {"freezedry": "pgolf.quant.freezedry", "sparse24": "pgolf.quant.sparse24"}
+LQER_MODULE = "pgolf.quant.lqer"
 MAGIC = b"PGOLF\x00AR"
 VERSION = 4  # the newest; written only when some tensor carries an LQER correction
 VERSIONS = (3, 4)
@@ -59,7 +56,7 @@ class Quantized:
     codes: torch.Tensor  # int8, (rows, cols)
     scales: torch.Tensor  # fp16, (rows,)
     bits: int
-    lqer: LowRank | None = None  # a low-rank correction added on dequantizing
+    lqer: object = None  # an lqer.LowRank correction added on dequantizing, or None
 
     def dequantize(self) -> torch.Tensor:
         W = self.codes.float() * self.scales.float()[:, None]
@@ -151,7 +148,10 @@ def pack_artifact(tensors: dict[str, Quantized | torch.Tensor], meta: dict) -> t
         payload.append(blob)
         breakdown["fp16 group"] = {"bytes": len(blob), "tensors": len(passthrough),
                                    "codec": fp16_codec}
-    corrections = _pack_lqer(tensors, payload, breakdown)
+    corrections = []
+    if any(isinstance(t, Quantized) and t.lqer is not None for t in tensors.values()):
+        corrections = importlib.import_module(LQER_MODULE).pack_sections(tensors, payload,
+                                                                         breakdown)
     body = b"".join(payload)
     fields = {"tensors": entries, "lengths": [len(b) for b in payload], "fp16": fp16_codec,
               "crc32": zlib.crc32(body), "meta": meta}
@@ -162,19 +162,6 @@ def pack_artifact(tensors: dict[str, Quantized | torch.Tensor], meta: dict) -> t
     data = PREFIX.pack(MAGIC, version, len(header), zlib.crc32(header)) + header
     breakdown["header"] = len(data)
     return data + body, breakdown
-
-
-def _pack_lqer(tensors: dict, payload: list, breakdown: dict) -> list:
-    """Append each correction's section to `payload`, its bytes to its tensor's breakdown entry
-    ("lqer"); returns the header's list of [name, rank, a_bits, b_bits, group]."""
-    corrections = []
-    for name, t in tensors.items():
-        if isinstance(t, Quantized) and t.lqer is not None:
-            blob = encode_lqer(t.lqer)
-            payload.append(blob)
-            breakdown[name]["lqer"] = len(blob)
-            corrections.append([name, t.lqer.rank, t.lqer.a_bits, t.lqer.b_bits, t.lqer.group])
-    return corrections
 
 
 def write_artifact(path: Path, tensors: dict, meta: dict) -> dict:
@@ -202,7 +189,9 @@ def _header(path: Path, data: bytes) -> tuple[dict, int]:
         header = json.loads(decompress("brotli", data[PREFIX.size:start]))
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"artifact {path}: corrupt header ({err})") from None
-    if not _well_formed(header) or not _lqer_well_formed(header, version):
+    lqer_ok = ("lqer" not in header if version == 3
+               else importlib.import_module(LQER_MODULE).well_formed(header))
+    if not _well_formed(header) or not lqer_ok:
         raise ValueError(f"artifact {path}: header does not list tensors, lengths, fp16, crc32 "
                          f"and meta (and lqer) as version {version} does")
     header.setdefault("lqer", [])
@@ -223,23 +212,6 @@ def _well_formed(header) -> bool:
             and isinstance(header.get("fp16", 0), str | None)
             and isinstance(header.get("tensors"), list) and all(map(entry, header["tensors"]))
             and isinstance(header.get("lengths"), list) and all(map(count, header["lengths"])))
-
-
-def _lqer_well_formed(header: dict, version: int) -> bool:
-    """Version 4's corrections: each names a plain quantized tensor once, with a rank >= 1, grids
-    of 2..8 bits and a group >= 1; version 3 has none."""
-    if version == 3:
-        return "lqer" not in header
-    plain = {e[0] for e in header["tensors"] if len(e) == 3 and e[2] is not None}
-    entries = header.get("lqer")
-
-    def entry(e):
-        return (isinstance(e, list) and len(e) == 5 and e[0] in plain
-                and all(isinstance(v, int) for v in e[1:]) and e[1] >= 1
-                and 2 <= e[2] <= 8 and 2 <= e[3] <= 8 and e[4] >= 1)
-
-    return (isinstance(entries, list) and bool(entries) and all(map(entry, entries))
-            and len({e[0] for e in entries}) == len(entries))
 
 
 def _sections(path: Path, data: bytes) -> tuple[dict, list[bytes]]:
@@ -310,10 +282,8 @@ def read_artifact(path: Path) -> tuple[dict[str, torch.Tensor | Quantized], dict
             out.update(_decode_fp16([e for e in header["tensors"] if e[2] is None], rest[0],
                                     header["fp16"]))
             rest = rest[1:]
-        for (name, rank, a_bits, b_bits, group), blob in zip(header["lqer"], rest, strict=True):
-            rows, cols = out[name].codes.shape[0], out[name].codes[0].numel()
-            out[name].lqer = decode_lqer(blob, rows=rows, cols=cols, rank=rank, a_bits=a_bits,
-                                         b_bits=b_bits, group=group)
+        if header["lqer"]:
+            importlib.import_module(LQER_MODULE).attach(header["lqer"], rest, out)
         return {e[0]: out[e[0]] for e in header["tensors"]}, header["meta"]
     except (ValueError, KeyError, IndexError, TypeError) as err:
         raise ValueError(f"artifact {path}: corrupt content ({type(err).__name__}: {err})") \

@@ -12,7 +12,13 @@ from safetensors.torch import load_file
 from pgolf.io import write_json
 from pgolf.model.checkpoint import read_header
 from pgolf.provenance import Provenance
-from pgolf.quant.artifact import OPTIONAL_CODECS, Encoded, Quantized, write_artifact
+from pgolf.quant.artifact import (
+    LQER_MODULE,
+    OPTIONAL_CODECS,
+    Encoded,
+    Quantized,
+    write_artifact,
+)
 from pgolf.quant.codebytes import CHALLENGE_BYTES, SRC, code_bytes
 from pgolf.quant.codec import entropy_bound_bytes
 from pgolf.quant.gptq import GPTQConfig, dequantize, qmax
@@ -115,6 +121,8 @@ def build_artifact(model: Path, hessians: Path, allocation: Path, out: Path, met
     plain = quantize_state(state, H, {n: b for n, b in bits.items() if n not in optional},
                            gptq, clips, lqer=corrected, lqer_cfg=lqer)
     tensors = {n: optional.get(n, plain.get(n)) for n in state}
+    if corrected:
+        extra += (LQER_MODULE.replace(".", "/") + ".py",)
     header = read_header(model)
     info = write_artifact(out, tensors, {"model": json.loads(header["config"]),
                                          "looping": json.loads(header.get("looping", "false"))})

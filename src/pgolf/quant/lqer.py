@@ -162,3 +162,40 @@ def decode(blob: bytes, *, rows: int, cols: int, rank: int, a_bits: int, b_bits:
     return LowRank(_checked(a, a_bits, "A"), torch.from_numpy(a_scale.copy()).reshape(()),
                    b_codes, torch.from_numpy(b_scales.astype(np.uint16).view(np.float16)),
                    a_bits, b_bits, group)
+
+
+def pack_sections(tensors: dict, payload: list, breakdown: dict) -> list:
+    """The artifact writer's part: each correction's section appended to `payload` and its bytes
+    to its tensor's breakdown entry ("lqer"); returns the header's list of corrections."""
+    corrections = []
+    for name, t in tensors.items():
+        if getattr(t, "lqer", None) is not None:
+            blob = encode(t.lqer)
+            payload.append(blob)
+            breakdown[name]["lqer"] = len(blob)
+            corrections.append([name, t.lqer.rank, t.lqer.a_bits, t.lqer.b_bits, t.lqer.group])
+    return corrections
+
+
+def well_formed(header: dict) -> bool:
+    """A version 4 header's "lqer": [[name, rank, a_bits, b_bits, group], ...], each naming a
+    plain quantized tensor once, with rank >= 1, grids of 2..8 bits and a group >= 1."""
+    plain = {e[0] for e in header.get("tensors", []) if isinstance(e, list) and len(e) == 3
+             and e[2] is not None}
+    entries = header.get("lqer")
+
+    def entry(e):
+        return (isinstance(e, list) and len(e) == 5 and e[0] in plain
+                and all(isinstance(v, int) for v in e[1:]) and e[1] >= 1
+                and 2 <= e[2] <= 8 and 2 <= e[3] <= 8 and e[4] >= 1)
+
+    return (isinstance(entries, list) and bool(entries) and all(map(entry, entries))
+            and len({e[0] for e in entries}) == len(entries))
+
+
+def attach(entries: list, blobs: list[bytes], tensors: dict) -> None:
+    """The artifact reader's part: decode each listed correction onto its quantized tensor."""
+    for (name, rank, a_bits, b_bits, group), blob in zip(entries, blobs, strict=True):
+        codes = tensors[name].codes
+        tensors[name].lqer = decode(blob, rows=codes.shape[0], cols=codes[0].numel(), rank=rank,
+                                    a_bits=a_bits, b_bits=b_bits, group=group)
