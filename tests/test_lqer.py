@@ -31,6 +31,7 @@ from pgolf.quant.export import PackConfig, build_artifact, quantize_state
 from pgolf.quant.gptq import GPTQConfig, dequantize, sdclip_scales, weighted_error
 from pgolf.quant.lqer import LQERConfig, correct, correction, decode, encode, section_bytes
 from pgolf.quant.sweep import Subset, SweepConfig, prefix_cache, swapped, sweep_matrix, window_nlls
+from pgolf.runplots import CONTAINER, byte_components
 
 
 def test_factors_pack_as_the_record_does_on_a_hand_example():
@@ -226,6 +227,8 @@ def test_export_applies_the_allocations_corrections_at_int7(tiny, tmp_path):
     assert loaded["tok_emb.weight"].lqer.rank == 2 and loaded[names[0]].lqer.rank == 1
     assert loaded[names[1]].lqer is None and loaded["tok_emb.weight"].bits == 7
     assert summary["lqer_bytes"] == sum(section_bytes(loaded[n].lqer) for n in alloc["lqer"])
+    parts = byte_components(summary)  # the report's bars: corrections as their own component
+    assert parts["LQER"] == summary["lqer_bytes"] and CONTAINER not in parts
     state = load_file(str(root / "model.safetensors"))
     W = state["tok_emb.weight"]
     # the int7 grid: k7 std / 63 per row
