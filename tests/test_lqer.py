@@ -252,14 +252,14 @@ def test_sweep_measures_lqer_rows_only_when_on():
                           num_kv_heads=1)).eval()
     subset = Subset([(torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16)))], 500)
     base = window_nlls(model, prefix_cache(model, subset, 0), 0)
-    name, H, cfg = "blocks.1.mlp.fc.weight", torch.eye(32), SweepConfig(bits=[3, 6])
+    name, H, cfg = "blocks.1.mlp.fc.weight", torch.eye(32), SweepConfig(bits=[3, 7])
     plain = sweep_matrix(model, name, H, subset, base, cfg=cfg, gptq=GPTQConfig())
     off = sweep_matrix(model, name, H, subset, base, cfg=cfg, gptq=GPTQConfig(),
                        lqer=LQERConfig())
     assert off == plain and "lqer_rank" not in plain[0] and len(plain) == 2
     on = sweep_matrix(model, name, H, subset, base, cfg=cfg, gptq=GPTQConfig(),
                       lqer=LQERConfig(rank=2))
-    assert [(r["bits"], r["lqer_rank"]) for r in on] == [(3, 0), (3, 2), (6, 0), (6, 2)]
+    assert [(r["bits"], r["lqer_rank"]) for r in on] == [(3, 0), (3, 2), (7, 0), (7, 2)]
     W = dict(model.named_parameters())[name].detach().clone()
     for plain_row, row in zip(on[::2], on[1::2], strict=True):
         assert {k: v for k, v in plain_row.items() if k not in ("lqer_rank", "error_fro")} == \
