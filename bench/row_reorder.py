@@ -16,6 +16,15 @@ allocation (int6 matrices, int8 embedding, the configured k):
               record stores it; the bound log2(n!) / 8 beside it), and the net change;
   per group   the same with a role's layers concatenated into one tensor (the record's grouping).
 Net < 0 would mean the switch pays; the verdict line sums the hot groups and all tensors.
+
+Measured with --build (config.yaml's demo model, 200 steps, seed 1; CPU): it does not
+pay, so pgolf has no reorder switch. Block matrices code to the same bytes in either order (+-6 B:
+row references already reach every earlier row), so each pays its permutation in full
+(67-623 B); the embedding saves 749 B of 66,188 (1.1%) but its permutation costs 1,307 B (the
+bound log2(1024!)/8 alone is 1,096 B). Net: +5,164 B over all tensors, +3,570 B on the hot
+ones; concatenating a role's layers as the record does: +5,898 B and +4,085 B. Untested at the
+record's size (an 8192-row embedding, whose permutation bound is ~11.8 KB): run --run-dir on
+such a checkpoint before concluding there.
 """
 
 import argparse
