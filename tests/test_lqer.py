@@ -2,7 +2,9 @@
 for it like a bit width, the artifact round trip, per-role SDClip k, int7 embeddings, errors."""
 
 import json
+import zlib
 
+import brotli
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,6 +22,7 @@ from pgolf.quant.allocate import (
     rd_choice,
 )
 from pgolf.quant.artifact import (
+    MAGIC,
     PREFIX,
     Quantized,
     dequantize_tensors,
@@ -211,6 +214,30 @@ def test_artifact_round_trip_with_lqer_tensors(tmp_path):
     (tmp_path / "c.pgz").write_bytes(data[:-3])
     with pytest.raises(ValueError, match="c.pgz"):
         read_artifact(tmp_path / "c.pgz")
+    # a faulty writer (checksums made to match): a flip anywhere in the correction's section
+    # (its scale, A's length, A's and B's parts) is a ValueError naming the file, or decodes to
+    # codes on the grids, never another error
+    size = parts["lqer"]
+    for at in (-size, -size + 2, -size + 5, -size // 2, -1):
+        (tmp_path / "d.pgz").write_bytes(with_flipped_byte(data, at))
+        try:
+            fix_read = read_artifact(tmp_path / "d.pgz")[0]["blocks.0.mlp.fc.weight"].lqer
+        except ValueError as err:
+            assert "d.pgz" in str(err)
+            continue
+        assert int(fix_read.a_codes.min()) >= -2 and int(fix_read.a_codes.max()) <= 1
+        assert int(fix_read.b_codes.min()) >= -8 and int(fix_read.b_codes.max()) <= 7
+
+
+def with_flipped_byte(data: bytes, at: int) -> bytes:
+    """The artifact with one body byte flipped and both checksums recomputed."""
+    _, version, length, _ = PREFIX.unpack_from(data)
+    header = json.loads(brotli.decompress(data[PREFIX.size:PREFIX.size + length]))
+    body = bytearray(data[PREFIX.size + length:])
+    body[at] ^= 0x5A
+    header["crc32"] = zlib.crc32(bytes(body))
+    packed = brotli.compress(json.dumps(header).encode())
+    return PREFIX.pack(MAGIC, version, len(packed), zlib.crc32(packed)) + packed + bytes(body)
 
 
 def test_export_applies_the_allocations_corrections_at_int7(tiny, tmp_path):

@@ -189,9 +189,8 @@ def _header(path: Path, data: bytes) -> tuple[dict, int]:
         header = json.loads(decompress("brotli", data[PREFIX.size:start]))
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"artifact {path}: corrupt header ({err})") from None
-    lqer_ok = ("lqer" not in header if version == 3
-               else importlib.import_module(LQER_MODULE).well_formed(header))
-    if not _well_formed(header) or not lqer_ok:
+    if not _well_formed(header) or not ("lqer" not in header if version == 3 else
+                                        importlib.import_module(LQER_MODULE).well_formed(header)):
         raise ValueError(f"artifact {path}: header does not list tensors, lengths, fp16, crc32 "
                          f"and meta (and lqer) as version {version} does")
     header.setdefault("lqer", [])
