@@ -70,7 +70,7 @@ def quantize_timed(state, hessians, bits, cfg, device):
             W, H = tensor.to(device), hessians[name].to(device)
             sync(device)
             start = time.perf_counter()
-            codes, scales = cfg.quantize(W, H, bits[name])
+            codes, scales = cfg.quantize(W, H, bits[name], name=name)
             sync(device)
             seconds[name] = time.perf_counter() - start
             out[name] = Quantized(codes.cpu(), scales.cpu(), bits[name])
@@ -112,7 +112,7 @@ def sweep_figures(model, hessians, subset, names, gptq) -> None:
     for name in names:
         original = dict(model.named_parameters())[name].detach()
         for bits in cfg.bits:  # the naive sweep: quantize, size, then a full evaluation
-            codes, scales = gptq.quantize(original, hessians[name], bits)
+            codes, scales = gptq.quantize(original, hessians[name], bits, name=name)
             quantized_bytes(codes.cpu().numpy(), scales.cpu().numpy(), bits)
             tick = time.perf_counter()
             with swapped(model, {name: dequantize(codes, scales)}):

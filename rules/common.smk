@@ -71,19 +71,44 @@ def check_eval():
             )
 
 
-def model_matrices():
-    """Checkpoint names of the quantizable matrices: the sweep fans out on them (no weights)."""
+def model_shapes():
+    """Checkpoint names and shapes of the quantizable matrices (no weights built)."""
     try:
         model = GPTConfig(
             **config["model"], vocab_size=config["tokenizer"]["vocab_size"]
         )
     except ValueError as err:
         raise WorkflowError(f"invalid model config: {err}") from None
-    return [name for name, _ in quantizable_matrices(model)]
+    return dict(quantizable_matrices(model))
+
+
+def model_matrices():
+    """Checkpoint names of the quantizable matrices: the sweep fans out on them."""
+    return list(model_shapes())
+
+
+def check_lqer():
+    """LQER's rank against the matrices it may correct (the sweep and export check it too, but
+    here it fails before any job runs), and uniform's top-k against a rank of 0."""
+    rank = config["lqer"]["rank"]
+    if rank:
+        name, shape = min(model_shapes().items(), key=lambda kv: (min(kv[1]), kv[0]))
+        if rank > min(shape):
+            raise config_error(
+                f"lqer.rank = {rank}: above the rank {min(shape)} of {name} "
+                f"({shape[0]} x {shape[1]})"
+            )
+    top_k = config["allocate"]["uniform"]["lqer_top_k"]
+    if top_k and not rank and "uniform" in config["allocate"]["policies"]:
+        raise config_error(
+            f"allocate.uniform.lqer_top_k = {top_k} needs lqer.rank > 0 (the sweep measures "
+            "the corrections at that rank)"
+        )
 
 
 check_config()
 check_eval()
+check_lqer()
 
 RUN = config["run"]
 POLICIES = config["allocate"]["policies"]

@@ -37,6 +37,7 @@ rule artifact:
     params:
         gptq=config["gptq"],
         pack=config["pack"],
+        lqer=config["lqer"],
         code=artifact_code(),
     script:
         "../workflow_scripts/artifact.py"

@@ -42,6 +42,7 @@ rule sweep:
     params:
         sweep=sweep_params("bits", "windows", "batch_seqs", "device"),
         gptq=config["gptq"],
+        lqer=config["lqer"],
         seq_len=config["train"]["seq_len"],
         code=stage_code("sweep.py"),
     script:

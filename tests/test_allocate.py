@@ -17,7 +17,7 @@ from pgolf.quant.allocate import (
     build_allocation,
     damage_curves,
     knapsack,
-    rd_bits,
+    rd_choice,
 )
 
 
@@ -62,7 +62,7 @@ def test_curves_are_monotone_and_non_negative():
     rows = [{"matrix": "m", "bits": b, "bytes": b, "dbpb": d, "noise_se": 0.0,
              "clip_sigmas": 1.0} for b, d in ((4, 0.3), (5, 0.1), (6, 0.2), (7, -0.01))]
     curve = damage_curves(rows)["m"]
-    assert [curve[b]["predicted_dbpb"] for b in (4, 5, 6, 7)] == [0.3, 0.2, 0.2, 0.0]
+    assert [curve[b, 0]["predicted_dbpb"] for b in (4, 5, 6, 7)] == [0.3, 0.2, 0.2, 0.0]
 
 
 def test_rd_fits_the_budget_at_any_resolution():
@@ -70,10 +70,10 @@ def test_rd_fits_the_budget_at_any_resolution():
     curves = damage_curves(rows_for([f"m{i}" for i in range(12)], rng))
     for budget in (25_000, 32_000, 45_000):
         for resolution in (1, 7, 64):
-            bits = rd_bits(curves, budget, resolution)
-            assert sum(curves[n][b]["bytes"] for n, b in bits.items()) <= budget
+            choice = rd_choice(curves, budget, resolution)
+            assert sum(curves[n][o]["bytes"] for n, o in choice.items()) <= budget
     with pytest.raises(ValueError, match="no allocation fits 100 B"):
-        rd_bits(curves, 100, 1)
+        rd_choice(curves, 100, 1)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import torch
 from pgolf.quant.artifact import (
     MAGIC,
     PREFIX,
-    VERSION,
     Quantized,
     decode_codes,
     encode_codes,
@@ -101,12 +100,12 @@ def test_bad_input_is_refused():
 def rewritten(data: bytes, edit) -> bytes:
     """The artifact after edit(header, sections) -> sections, its checksums made to match, as a
     faulty writer would produce it."""
-    _, _, header_len, _ = PREFIX.unpack_from(data)
+    _, version, header_len, _ = PREFIX.unpack_from(data)
     header = json.loads(brotli.decompress(data[PREFIX.size:PREFIX.size + header_len]))
     body = edit(header, data[PREFIX.size + header_len:])
     header["crc32"] = zlib.crc32(body)
     packed = brotli.compress(json.dumps(header).encode())
-    return PREFIX.pack(MAGIC, VERSION, len(packed), zlib.crc32(packed)) + packed + body
+    return PREFIX.pack(MAGIC, version, len(packed), zlib.crc32(packed)) + packed + body
 
 
 def flip_inside_first_section(header: dict, body: bytes) -> bytes:

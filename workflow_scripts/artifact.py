@@ -5,6 +5,7 @@ from pathlib import Path
 from pgolf.config import section
 from pgolf.quant.export import PackConfig, build_artifact
 from pgolf.quant.gptq import GPTQConfig
+from pgolf.quant.lqer import LQERConfig
 from pgolf.stage import logged, provenance
 
 with logged(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
@@ -17,5 +18,6 @@ with logged(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
         Path(sm.output.meta),
         gptq=section(GPTQConfig, sm.params.gptq, "gptq"),
         pack=section(PackConfig, sm.params.pack, "pack"),
+        lqer=section(LQERConfig, sm.params.lqer, "lqer"),
         provenance=provenance(sm, stage="artifact"),
     )

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pgolf.config import section
 from pgolf.quant.gptq import GPTQConfig
+from pgolf.quant.lqer import LQERConfig
 from pgolf.quant.sweep import SweepConfig, build_sweep
 from pgolf.stage import claim_gpus, logged, provenance
 
@@ -17,5 +18,6 @@ with logged(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
         cfg=section(SweepConfig, sm.params.sweep, "sweep"),
         gptq=section(GPTQConfig, sm.params.gptq, "gptq"),
         seq_len=sm.params.seq_len,
+        lqer=section(LQERConfig, sm.params.lqer, "lqer"),
         provenance=provenance(sm, stage="sweep"),
     )

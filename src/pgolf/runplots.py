@@ -169,10 +169,13 @@ def _allocation_title(allocs: dict[str, dict]) -> str:
 
 def byte_components(artifact: dict, *, source: str = "artifact") -> dict[str, int]:
     """Bytes of a submission by component: codes + scales per tensor type, each other breakdown
-    entry under its own name (fp16 group, header), what the breakdown does not cover as
-    'container/other', and the code. The values sum to `total_bytes` exactly."""
+    entry under its own name (fp16 group, header), LQER corrections together as 'LQER', what the
+    breakdown does not cover as 'container/other', and the code. The values sum to
+    `total_bytes` exactly."""
     parts: dict[str, int] = {}
     for name, entry in artifact["breakdown"].items():
+        if isinstance(entry, dict) and entry.get("lqer"):
+            parts["LQER"] = parts.get("LQER", 0) + entry["lqer"]
         if isinstance(entry, dict) and ("codes" in entry or "scales" in entry):
             key, size = tensor_type(name), entry.get("codes", 0) + entry.get("scales", 0)
         elif isinstance(entry, dict):

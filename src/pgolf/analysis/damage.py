@@ -28,14 +28,15 @@ NULL = (
     "independent). A measured value within about 2 SE of the prediction agrees with additivity.")
 
 
-def raw_prediction(sensitivity: Path, bits: dict[str, int]) -> float:
-    """The plain sum of the sweep's deltas at the allocated bits."""
-    rows = pq.read_table(sensitivity, columns=["matrix", "bits", "dbpb"]).to_pylist()
-    swept = {(r["matrix"], r["bits"]): r["dbpb"] for r in rows}
-    missing = [f"{name}@{b}" for name, b in bits.items() if (name, b) not in swept]
+def raw_prediction(sensitivity: Path, bits: dict[str, int], lqer: dict | None = None) -> float:
+    """The plain sum of the sweep's deltas at the allocated bits (and LQER ranks, if any)."""
+    rows = pq.read_table(sensitivity).to_pylist()
+    swept = {(r["matrix"], r["bits"], r.get("lqer_rank") or 0): r["dbpb"] for r in rows}
+    chosen = [(name, b, (lqer or {}).get(name, 0)) for name, b in bits.items()]
+    missing = [f"{name}@{b}" for name, b, rank in chosen if (name, b, rank) not in swept]
     if missing:
         raise ValueError(f"{sensitivity}: no sweep row for {', '.join(missing[:5])}")
-    return float(sum(swept[(name, b)] for name, b in bits.items()))
+    return float(sum(swept[key] for key in chosen))
 
 
 def damage_row(policy: str, allocation: Path, prequant: Path, roundtrip: Path,
@@ -47,7 +48,7 @@ def damage_row(policy: str, allocation: Path, prequant: Path, roundtrip: Path,
     se = measured.get("se", math.nan)
     return {"policy": policy, "predicted_dbpb": predicted["dbpb"],
             "predicted_se": predicted["dbpb_noise_se"],
-            "predicted_raw": raw_prediction(sensitivity, alloc["bits"]),
+            "predicted_raw": raw_prediction(sensitivity, alloc["bits"], alloc.get("lqer")),
             "measured_dbpb": measured["dbpb"], "measured_se": se, "chunks": measured["chunks"],
             "ratio": measured["dbpb"] / predicted["dbpb"] if predicted["dbpb"] else math.nan,
             "z": (measured["dbpb"] - predicted["dbpb"])

@@ -5,6 +5,9 @@ header: brotli-compressed UTF-8 JSON {"tensors": [[name, shape, bits or null], .
 "lengths": [section bytes, ...], "fp16": "rans" (the fp16 group's coding) or null, "crc32": of all
 sections, "meta": the caller's} | sections, back to back: one per quantized tensor, in the order
 of "tensors", then the fp16 group.
+Version 4 adds LQER corrections: the header's "lqer" and their sections after the fp16 group
+(pgolf.quant.lqer, imported only where corrections are, so only then counted as code bytes).
+Without corrections the artifact is version 3, byte for byte as before; both versions are read.
 A quantized tensor (int codes in [-qmax, qmax], one fp16 scale per row) is coded alone by
 codec.encode_tensor: context-modelled rANS over codes and scales (row references, row and column
 classes, chosen per tensor by size), so quantized_bytes() is exactly its section's size and the
@@ -41,8 +44,10 @@ from pgolf.quant.codec import (
 )
 
 OPTIONAL_CODECS = {"freezedry": "pgolf.quant.freezedry", "sparse24": "pgolf.quant.sparse24"}
+LQER_MODULE = "pgolf.quant.lqer"
 MAGIC = b"PGOLF\x00AR"
-VERSION = 3
+VERSION = 4  # the newest; written only when some tensor carries an LQER correction
+VERSIONS = (3, 4)
 PREFIX = struct.Struct("<8sHII")
 
 
@@ -51,9 +56,11 @@ class Quantized:
     codes: torch.Tensor  # int8, (rows, cols)
     scales: torch.Tensor  # fp16, (rows,)
     bits: int
+    lqer: object = None  # an lqer.LowRank correction added on dequantizing, or None
 
     def dequantize(self) -> torch.Tensor:
-        return self.codes.float() * self.scales.float()[:, None]
+        W = self.codes.float() * self.scales.float()[:, None]
+        return W if self.lqer is None else W + self.lqer.dequantize().view(W.shape)
 
 
 @dataclass
@@ -141,11 +148,18 @@ def pack_artifact(tensors: dict[str, Quantized | torch.Tensor], meta: dict) -> t
         payload.append(blob)
         breakdown["fp16 group"] = {"bytes": len(blob), "tensors": len(passthrough),
                                    "codec": fp16_codec}
+    corrections = []
+    if any(isinstance(t, Quantized) and t.lqer is not None for t in tensors.values()):
+        corrections = importlib.import_module(LQER_MODULE).pack_sections(tensors, payload,
+                                                                         breakdown)
     body = b"".join(payload)
-    header = brotli.compress(json.dumps(
-        {"tensors": entries, "lengths": [len(b) for b in payload], "fp16": fp16_codec,
-         "crc32": zlib.crc32(body), "meta": meta}, separators=(",", ":")).encode(), quality=11)
-    data = PREFIX.pack(MAGIC, VERSION, len(header), zlib.crc32(header)) + header
+    fields = {"tensors": entries, "lengths": [len(b) for b in payload], "fp16": fp16_codec,
+              "crc32": zlib.crc32(body), "meta": meta}
+    if corrections:
+        fields["lqer"] = corrections
+    header = brotli.compress(json.dumps(fields, separators=(",", ":")).encode(), quality=11)
+    version = VERSION if corrections else 3
+    data = PREFIX.pack(MAGIC, version, len(header), zlib.crc32(header)) + header
     breakdown["header"] = len(data)
     return data + body, breakdown
 
@@ -163,8 +177,9 @@ def _header(path: Path, data: bytes) -> tuple[dict, int]:
     magic, version, header_len, crc = PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise ValueError(f"artifact {path}: wrong magic {magic!r} (expected {MAGIC!r})")
-    if version != VERSION:
-        raise ValueError(f"artifact {path}: unsupported version {version} (expected {VERSION})")
+    if version not in VERSIONS:
+        raise ValueError(f"artifact {path}: unsupported version {version} (expected one of "
+                         f"{VERSIONS})")
     start = PREFIX.size + header_len
     if start > len(data):
         raise ValueError(f"artifact {path}: header of {header_len} bytes runs past the file end")
@@ -174,9 +189,11 @@ def _header(path: Path, data: bytes) -> tuple[dict, int]:
         header = json.loads(decompress("brotli", data[PREFIX.size:start]))
     except (ValueError, UnicodeDecodeError) as err:
         raise ValueError(f"artifact {path}: corrupt header ({err})") from None
-    if not _well_formed(header):
+    if not _well_formed(header) or not ("lqer" not in header if version == 3 else
+                                        importlib.import_module(LQER_MODULE).well_formed(header)):
         raise ValueError(f"artifact {path}: header does not list tensors, lengths, fp16, crc32 "
-                         "and meta as version 3 does")
+                         f"and meta (and lqer) as version {version} does")
+    header.setdefault("lqer", [])
     return header, start
 
 
@@ -201,9 +218,9 @@ def _sections(path: Path, data: bytes) -> tuple[dict, list[bytes]]:
     header, start = _header(path, data)
     body, lengths = data[start:], header["lengths"]
     quantized = sum(entry[2] is not None for entry in header["tensors"])
-    if len(lengths) != quantized + (header["fp16"] is not None):
+    if len(lengths) != quantized + (header["fp16"] is not None) + len(header["lqer"]):
         raise ValueError(f"artifact {path}: {len(lengths)} sections for {quantized} quantized "
-                         "tensors and the fp16 group")
+                         f"tensors, the fp16 group and {len(header['lqer'])} LQER corrections")
     if sum(lengths) != len(body):
         raise ValueError(f"artifact {path}: sections hold {len(body)} bytes, the header lists "
                          f"{sum(lengths)} (truncated or padded)")
@@ -254,14 +271,18 @@ def read_artifact(path: Path) -> tuple[dict[str, torch.Tensor | Quantized], dict
     path = Path(path)
     header, blobs = _sections(path, path.read_bytes())
     try:
-        sections = list(zip([e for e in header["tensors"] if e[2] is not None], blobs,
-                            strict=False))
+        quantized = [e for e in header["tensors"] if e[2] is not None]
+        sections = list(zip(quantized, blobs, strict=False))
         plain = [(e, b) for e, b in sections if len(e) == 3]
         out = _decode_quantized([e for e, _ in plain], [b for _, b in plain])
         out.update({e[0]: _decode_optional(e, b) for e, b in sections if len(e) == 4})
+        rest = blobs[len(quantized):]
         if header["fp16"] is not None:
-            out.update(_decode_fp16([e for e in header["tensors"] if e[2] is None], blobs[-1],
+            out.update(_decode_fp16([e for e in header["tensors"] if e[2] is None], rest[0],
                                     header["fp16"]))
+            rest = rest[1:]
+        if header["lqer"]:
+            importlib.import_module(LQER_MODULE).attach(header["lqer"], rest, out)
         return {e[0]: out[e[0]] for e in header["tensors"]}, header["meta"]
     except (ValueError, KeyError, IndexError, TypeError) as err:
         raise ValueError(f"artifact {path}: corrupt content ({type(err).__name__}: {err})") \

@@ -12,17 +12,28 @@ from safetensors.torch import load_file
 from pgolf.io import write_json
 from pgolf.model.checkpoint import read_header
 from pgolf.provenance import Provenance
-from pgolf.quant.artifact import OPTIONAL_CODECS, Encoded, Quantized, write_artifact
+from pgolf.quant.artifact import (
+    LQER_MODULE,
+    OPTIONAL_CODECS,
+    Encoded,
+    Quantized,
+    write_artifact,
+)
 from pgolf.quant.codebytes import CHALLENGE_BYTES, SRC, code_bytes, model_code
 from pgolf.quant.codec import entropy_bound_bytes
-from pgolf.quant.gptq import GPTQConfig, qmax
+from pgolf.quant.gptq import GPTQConfig, dequantize, qmax
+from pgolf.quant.lqer import LQERConfig, correct
 
 
 def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor],
-                   bits: dict[str, int], cfg: GPTQConfig, clips: dict | None = None) -> dict:
-    """GPTQ for every tensor in `bits` (at its k in `clips`, else the configured or searched k);
+                   bits: dict[str, int], cfg: GPTQConfig, clips: dict | None = None, *,
+                   lqer: dict[str, int] | None = None, lqer_cfg: LQERConfig | None = None) -> dict:
+    """GPTQ for every tensor in `bits` (at its k in `clips`, else the configured or searched k),
+    with an LQER correction of rank lqer[name] (factors as lqer_cfg sets) where one is listed;
     every other tensor passes through (fp16 in the artifact)."""
-    clips = clips or {}
+    clips, lqer = clips or {}, lqer or {}
+    if lqer:
+        check_lqer(lqer, bits, {n: tuple(state[n].shape) for n in lqer if n in state}, lqer_cfg)
     missing = sorted(set(bits) - set(hessians))
     if missing:
         raise ValueError(f"no Hessian for {missing[:5]}{'...' if len(missing) > 5 else ''}")
@@ -32,11 +43,24 @@ def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Ten
             if name in clips:
                 codes, scales = cfg.quantize(tensor, hessians[name], bits[name], clips[name])
             else:
-                codes, scales, _ = cfg.search(tensor, hessians[name], bits[name])
+                codes, scales, _ = cfg.search(tensor, hessians[name], bits[name], name)
             out[name] = Quantized(codes, scales, bits[name])
+            if name in lqer:
+                out[name].lqer = correct(tensor, dequantize(codes, scales), lqer_cfg, lqer[name])
         else:
             out[name] = tensor
     return out
+
+
+def check_lqer(lqer: dict[str, int], bits: dict, shapes: dict, cfg: LQERConfig | None) -> None:
+    """An allocation's corrections: on quantized tensors, at ranks their shapes allow."""
+    if cfg is None:
+        raise ValueError("the allocation lists LQER corrections, but no lqer settings were given")
+    for name, rank in lqer.items():
+        if name not in bits:
+            raise ValueError(f"allocation: LQER correction on {name}, which it does not quantize")
+        LQERConfig(rank=rank, a_bits=cfg.a_bits, b_bits=cfg.b_bits,
+                   group=cfg.group).check_shapes({name: shapes[name]})
 
 
 @dataclass(kw_only=True)
@@ -59,7 +83,7 @@ def encode_optional(state: dict, hessians: dict, bits: dict[str, int], clips: di
     out = {}
     for name, b in bits.items():
         if name.startswith("blocks."):
-            k = clips.get(name) or gptq.default_clip(b)
+            k = clips.get(name) or gptq.default_clip(b, name)
             rep = module.encode(state[name], hessians[name], bits=b, clip_sigmas=k)
             out[name] = Encoded(codec, tuple(state[name].shape), b, module.pack(rep))
     return out
@@ -69,7 +93,8 @@ def size_gate(artifact: Path, info: dict, code: dict, cfg: PackConfig) -> None:
     total = info["bytes"] + code["bytes"]
     if total <= cfg.limit_bytes:
         return
-    largest = sorted(((v.get("codes", 0) + v.get("scales", 0) + v.get("bytes", 0), k)
+    largest = sorted(((v.get("codes", 0) + v.get("scales", 0) + v.get("bytes", 0)
+                       + v.get("lqer", 0), k)
                       for k, v in info["breakdown"].items() if isinstance(v, dict)), reverse=True)
     top = ", ".join(f"{k} {n:,} B" for n, k in largest[:5])
     raise ValueError(f"artifact {artifact}: {info['bytes']:,} B + code {code['bytes']:,} B = "
@@ -78,20 +103,26 @@ def size_gate(artifact: Path, info: dict, code: dict, cfg: PackConfig) -> None:
 
 
 def build_artifact(model: Path, hessians: Path, allocation: Path, out: Path, meta_out: Path, *,
-                   gptq: GPTQConfig, pack: PackConfig, src: Path = SRC,
-                   provenance: Provenance | None = None) -> dict:
+                   gptq: GPTQConfig, pack: PackConfig, lqer: LQERConfig | None = None,
+                   src: Path = SRC, provenance: Provenance | None = None) -> dict:
     """The artifact stage: quantize per the allocation, pack, count, gate, write the breakdown."""
     alloc = json.loads(Path(allocation).read_text())
     bits = {k: int(v) for k, v in alloc["bits"].items()}
     state, H, clips = load_file(str(model)), load_file(str(hessians)), alloc.get("clip_sigmas", {})
+    corrected = {n: int(r) for n, r in alloc.get("lqer", {}).items()}
     extra, optional = (), {}
+    if pack.matrix_codec != "gptq" and any(n.startswith("blocks.") for n in corrected):
+        raise ValueError(f"pack.matrix_codec = {pack.matrix_codec!r}: LQER corrections "
+                         f"({allocation}) apply to GPTQ tensors only; use gptq or lqer.rank: 0")
     if pack.matrix_codec != "gptq":
         optional = encode_optional(state, H, bits, clips, codec=pack.matrix_codec, gptq=gptq)
         extra = (OPTIONAL_CODECS[pack.matrix_codec].replace(".", "/") + ".py",)
     # GPTQ only what the optional codec did not take; the table keeps the checkpoint's order
     plain = quantize_state(state, H, {n: b for n, b in bits.items() if n not in optional},
-                           gptq, clips)
+                           gptq, clips, lqer=corrected, lqer_cfg=lqer)
     tensors = {n: optional.get(n, plain.get(n)) for n in state}
+    if corrected:
+        extra += (LQER_MODULE.replace(".", "/") + ".py",)
     header = read_header(model)
     model_cfg = json.loads(header["config"])
     info = write_artifact(out, tensors, {"model": model_cfg,
@@ -101,6 +132,7 @@ def build_artifact(model: Path, hessians: Path, allocation: Path, out: Path, met
                 for t in tensors.values() if isinstance(t, Quantized))
     codes_bytes = sum(info["breakdown"][n]["codes"] for n, t in tensors.items()
                       if isinstance(t, Quantized))
+    lqer_bytes = sum(v.get("lqer", 0) for v in info["breakdown"].values() if isinstance(v, dict))
     predicted = alloc.get("predicted") or {}
     summary = {"policy": alloc["policy"], "artifact_bytes": info["bytes"],
                "predicted_bytes": predicted.get("bytes"),
@@ -108,6 +140,7 @@ def build_artifact(model: Path, hessians: Path, allocation: Path, out: Path, met
                "total_bytes": info["bytes"] + code["bytes"], "limit_bytes": pack.limit_bytes,
                "margin_bytes": pack.limit_bytes - info["bytes"] - code["bytes"],
                "codes_bytes": codes_bytes, "codes_entropy_bound_bytes": bound,
+               **({"lqer_bytes": lqer_bytes} if corrected else {}),
                "breakdown": info["breakdown"],
                "provenance": provenance.record() if provenance else None}
     try:

@@ -1,8 +1,9 @@
 """The GPTQ kernel: (W, H, bits, clip) -> (codes, scales), and round-to-nearest on the same grid.
 
 Symmetric per-row grid: codes in [-qmax, qmax] with qmax = 2^(bits-1) - 1, one fp16 scale per row
-from SDClip, s = k * std(row) / qmax (k = clip sigmas), with only an epsilon floor: the seed PRs'
-1/qmax floor made every row with small weights share one coarse step.
+from SDClip, s = k * std(row) / qmax (k = clip sigmas, per bit width and optionally per role:
+mlp, attn, embed), with only an epsilon floor: the seed PRs' 1/qmax floor made every row with
+small weights share one coarse step.
 
 GPTQ (Frantar et al. 2022), in the paper's names: H = X^T X of the layer input; dead columns
 (H_jj = 0) are zeroed; damping adds `damp * mean(diag H)` to the diagonal; act-order processes
@@ -118,6 +119,31 @@ def _gptq_codes(W, H, s, *, bits, block_size, damp, act_order) -> torch.Tensor:
     return Q.to(torch.int8)
 
 
+ROLES = ("mlp", "attn", "embed")
+
+
+def role(name: str | None) -> str | None:
+    """The SDClip role of a checkpoint name, as the record splits k: embed (the embedding and an
+    untied head), mlp, attn; None for anything else (or no name)."""
+    if name in ("tok_emb.weight", "lm_head.weight"):
+        return "embed"
+    for kind in ("mlp", "attn"):
+        if name and f".{kind}." in name:
+            return kind
+    return None
+
+
+def _by_width(table: dict, key: str) -> dict[int, float]:
+    """YAML keys read "int6"; code asks by bit width."""
+    out = {}
+    for k, v in table.items():
+        bits = int(str(k).removeprefix("int"))
+        if not 2 <= bits <= 8 or not float(v) > 0:
+            raise ValueError(f"{key}.{k} = {v!r}: expected int2..int8 and k > 0")
+        out[bits] = float(v)
+    return out
+
+
 @dataclass(kw_only=True)
 class GPTQConfig:
     block_size: int = 128
@@ -125,6 +151,9 @@ class GPTQConfig:
     act_order: bool = True
     # Clip sigmas k per bit width; the records use k = 12.85 for int6 matrices, 20 for int8.
     clip_sigmas: dict = None
+    # Per role (mlp, attn, embed) and bit width, a k that overrides clip_sigmas for that role's
+    # tensors (the record: mlp int6 11.5, attn int6 13.0, embed int7 14.0); {} = off.
+    role_clip_sigmas: dict = field(default_factory=dict)
     # Per-tensor search: multipliers of k to try; the k with the least H-weighted error wins.
     clip_search: list = field(default_factory=list)
 
@@ -132,29 +161,38 @@ class GPTQConfig:
         if self.clip_sigmas is None:
             self.clip_sigmas = {"int2": 3.0, "int3": 4.5, "int4": 6.5, "int5": 9.0,
                                 "int6": 12.85, "int7": 16.0, "int8": 20.0}
-        # YAML keys read "int6"; code asks by bit width.
         self.clip_sigmas = {int(str(k).removeprefix("int")): float(v)
                             for k, v in self.clip_sigmas.items()}
+        unknown = sorted(set(self.role_clip_sigmas) - set(ROLES))
+        if unknown:
+            raise ValueError(f"gptq.role_clip_sigmas: unknown roles {unknown}; known: "
+                             f"{list(ROLES)}")
+        self.role_clip_sigmas = {r: _by_width(t, f"gptq.role_clip_sigmas.{r}")
+                                 for r, t in self.role_clip_sigmas.items()}
         bad = [m for m in self.clip_search if not m > 0]
         if bad:
             raise ValueError(f"gptq.clip_search: multipliers must be > 0, got {bad}")
 
-    def default_clip(self, bits: int) -> float:
+    def default_clip(self, bits: int, name: str | None = None) -> float:
+        """k for `bits`: the role's override for the tensor `name` if set, else clip_sigmas."""
+        override = self.role_clip_sigmas.get(role(name), {})
+        if bits in override:
+            return override[bits]
         if bits not in self.clip_sigmas:
             raise ValueError(f"gptq.clip_sigmas has no entry for {bits} bits")
         return self.clip_sigmas[bits]
 
     def quantize(self, W: torch.Tensor, H: torch.Tensor, bits: int,
-                 clip_sigmas: float | None = None):
-        """GPTQ at the given k, or at the configured k for `bits` when none is given."""
-        k = self.default_clip(bits) if clip_sigmas is None else clip_sigmas
+                 clip_sigmas: float | None = None, name: str | None = None):
+        """GPTQ at the given k, or at the configured k for `bits` (and `name`'s role)."""
+        k = self.default_clip(bits, name) if clip_sigmas is None else clip_sigmas
         return gptq(W, H, bits=bits, clip_sigmas=k, block_size=self.block_size,
                     damp=self.damp, act_order=self.act_order)
 
-    def search(self, W: torch.Tensor, H: torch.Tensor, bits: int):
+    def search(self, W: torch.Tensor, H: torch.Tensor, bits: int, name: str | None = None):
         """(codes, scales, k): GPTQ at the configured k, or with a search the candidate k whose
         result has the least Hessian-weighted error (ties keep the configured k: it comes first)."""
-        base = self.default_clip(bits)
+        base = self.default_clip(bits, name)
         best = None
         for k in [base] + [base * m for m in self.clip_search if m != 1]:
             codes, scales = self.quantize(W, H, bits, k)

@@ -68,7 +68,8 @@ def aggregate_sensitivity(paths: list, groups_path, model_path, out, plot_out, g
     rows = annotate(pa.concat_tables([pq.read_table(p) for p in paths]).to_pylist(),
                     cfg.looped_layers(looping))
     bits = sorted({r["bits"] for r in rows})
-    mid = [r for r in rows if r["bits"] == bits[len(bits) // 2]]
+    # GPTQ-alone rows only: LQER rows (lqer.rank > 0) would count a matrix twice
+    mid = [r for r in rows if r["bits"] == bits[len(bits) // 2] and not r.get("lqer_rank")]
     groups = pq.read_table(groups_path).to_pylist()
     summary = {"bits": mid[0]["bits"], "by_type": summarize(mid, "type"),
                "by_layer": summarize([r for r in mid if r["layer"] is not None], "layer"),

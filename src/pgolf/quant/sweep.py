@@ -27,6 +27,7 @@ from pgolf.model.config import GPTConfig
 from pgolf.model.gpt import GPT
 from pgolf.quant.artifact import quantized_bytes
 from pgolf.quant.gptq import GPTQConfig, dequantize, round_to_nearest, weighted_error
+from pgolf.quant.lqer import LQERConfig, correct, section_bytes
 from pgolf.train.distributed import pick_device
 
 
@@ -121,25 +122,36 @@ def damage(nll: torch.Tensor, base: torch.Tensor, num_bytes: int) -> dict:
 
 
 def sweep_matrix(model: GPT, name: str, H: torch.Tensor, subset: Subset, base: torch.Tensor, *,
-                 cfg: SweepConfig, gptq: GPTQConfig) -> list[dict]:
-    """One row per bit width: dBPB, its noise floor, bytes, slope, clip, H-weighted errors."""
+                 cfg: SweepConfig, gptq: GPTQConfig, lqer: LQERConfig | None = None) -> list[dict]:
+    """One row per bit width: dBPB, its noise floor, bytes, slope, clip, H-weighted errors. With
+    LQER on, a second row per width with the correction at lqer.rank, and on every row its
+    rank (0 = none) and ||W - W_hat||_F."""
     original = dict(model.named_parameters())[name].detach().clone()
     v = first_position(model, name)
     cached = prefix_cache(model, subset, v)
     rows = []
     for bits in cfg.bits:
-        codes, scales, clip = gptq.search(original, H, bits)
-        with swapped(model, {name: dequantize(codes, scales)}):
-            result = damage(window_nlls(model, cached, v), base, subset.num_bytes)
+        codes, scales, clip = gptq.search(original, H, bits, name)
+        W_hat = dequantize(codes, scales)
         size = quantized_bytes(codes.cpu().numpy(), scales.cpu().numpy(), bits)
-        rtn = round_to_nearest(original, scales, bits=bits)
-        rows.append({"matrix": name, "bits": bits, "dbpb": result["dbpb"],
-                     "noise_se": result["noise_se"], "bytes": size,
-                     "slope_dbpb_per_kb": result["dbpb"] / (size / 1000), "clip_sigmas": clip,
-                     "weighted_error": weighted_error(original, dequantize(codes, scales), H),
-                     "rtn_weighted_error": weighted_error(original, dequantize(rtn, scales), H),
-                     "params": original.numel(), "first_position": v,
-                     "windows": len(base)})
+        rtn_error = weighted_error(original, dequantize(round_to_nearest(
+            original, scales, bits=bits), scales), H)
+        options = [(0, W_hat, size)]
+        if lqer is not None and lqer.enabled:
+            fix = correct(original, W_hat, lqer)
+            options.append((lqer.rank, W_hat + fix.dequantize(), size + section_bytes(fix)))
+        for rank, weights, nbytes in options:
+            with swapped(model, {name: weights}):
+                result = damage(window_nlls(model, cached, v), base, subset.num_bytes)
+            row = {"matrix": name, "bits": bits, "dbpb": result["dbpb"],
+                   "noise_se": result["noise_se"], "bytes": nbytes,
+                   "slope_dbpb_per_kb": result["dbpb"] / (nbytes / 1000), "clip_sigmas": clip,
+                   "weighted_error": weighted_error(original, weights, H),
+                   "rtn_weighted_error": rtn_error, "params": original.numel(),
+                   "first_position": v, "windows": len(base)}
+            if lqer is not None and lqer.enabled:
+                row |= {"lqer_rank": rank, "error_fro": float((original - weights).norm())}
+            rows.append(row)
     return rows
 
 
@@ -188,7 +200,7 @@ def sweep_groups(model: GPT, hessians: dict, subset: Subset, base: torch.Tensor,
         cached = prefix_cache(model, subset, v)
         count = sum(params[n].numel() for n in names)
         for bits in cfg.group_bits:
-            weights = {n: dequantize(*gptq.search(params[n].detach(), hessians[n], bits)[:2])
+            weights = {n: dequantize(*gptq.search(params[n].detach(), hessians[n], bits, n)[:2])
                        for n in names}
             with swapped(model, weights):
                 result = damage(window_nlls(model, cached, v), base, subset.num_bytes)
@@ -232,6 +244,11 @@ DEFINITION = (
     "about 2 noise_se of 0 are indistinguishable from no damage. bytes: the matrix's codes and "
     "scales as the artifact codec stores them alone. slope_dbpb_per_kb: dbpb per 1000 of those "
     "bytes. clip_sigmas: the SDClip k used (searched per tensor when gptq.clip_search is set).")
+LQER_DEFINITION = (
+    "lqer_rank: 0 for GPTQ alone; r for GPTQ plus its LQER correction of rank r (lqer.rank; "
+    "factors quantized as lqer.a_bits / b_bits / group set), whose dbpb is measured with the "
+    "corrected matrix and whose bytes add the correction's artifact section. error_fro: "
+    "||W - W_hat||_F of the row's weights (the uniform policy's LQER top-k ranks by it at rank 0).")
 
 
 def model_and_subset(model_path, shard_dir, tokenizer, *, windows: int, batch_seqs: int,
@@ -297,15 +314,21 @@ def load_sweep_inputs(model_path, hessians_path, shard_dir, tokenizer, baseline,
 
 
 def build_sweep(model_path, hessians_path, shard_dir, tokenizer, baseline, matrix: str, out, *,
-                cfg: SweepConfig, gptq: GPTQConfig, seq_len: int, provenance=None) -> list[dict]:
+                cfg: SweepConfig, gptq: GPTQConfig, seq_len: int,
+                lqer: LQERConfig | None = None, provenance=None) -> list[dict]:
     """The sweep stage for one matrix: rows per bit width, parquet with the definition."""
     model, hessians, subset, base = load_sweep_inputs(
         model_path, hessians_path, shard_dir, tokenizer, baseline, cfg=cfg, seq_len=seq_len,
         names=[matrix])
     if matrix not in hessians:
         raise ValueError(f"{hessians_path}: no Hessian for {matrix}")
-    rows = sweep_matrix(model, matrix, hessians[matrix], subset, base, cfg=cfg, gptq=gptq)
-    meta = {"definition": DEFINITION, "bytes_scored": subset.num_bytes,
+    on = lqer is not None and lqer.enabled
+    if on:
+        lqer.check_shapes({matrix: tuple(dict(model.named_parameters())[matrix].shape)})
+    rows = sweep_matrix(model, matrix, hessians[matrix], subset, base, cfg=cfg, gptq=gptq,
+                        lqer=lqer)
+    meta = {"definition": DEFINITION + (" " + LQER_DEFINITION if on else ""),
+            "bytes_scored": subset.num_bytes,
             "provenance": provenance.record() if provenance else None}
     write_table(pa.Table.from_pylist(rows), out, meta)
     return rows
