@@ -258,7 +258,10 @@ SOTA = RecordSpec(
         Setting("parallel_lanes", fixed=2), Setting("smear_gate", "smear_gate_enabled"),
         Setting("gate_window", "gate_window"), Setting("attn_gate", "sparse_attn_gate_enabled"),
         Setting("attn_gate_scale", "sparse_attn_gate_scale"),
-        Setting("doc_isolation", fixed=True), Setting("bos_id", fixed=1)],
+        Setting("doc_isolation", fixed=True), Setting("bos_id", fixed=1),
+        # the run command's FUSED_CE_ENABLED=1 and the always-on fused MLP (this harness turns
+        # the CE off only to run the record on the CPU)
+        Setting("kernels", fixed="triton")],
     requires=["smear_gate", "gate_window", "bos_id", "attn_gate", "attn_gate_scale",
               "parallel_lanes", "parallel_from", "doc_isolation"],
     documents=True)
