@@ -5,7 +5,7 @@ from pathlib import Path
 from pgolf.codehash import code_hash
 from pgolf.config import validate_config
 from pgolf.model.config import GPTConfig, quantizable_matrices
-from pgolf.quant.codebytes import DECODER_ENTRY
+from pgolf.quant.codebytes import code_bytes
 
 
 def config_error(message):
@@ -83,8 +83,6 @@ MATRICES = model_matrices()
 SEEDS = config["seeds"]
 SRC = Path(workflow.basedir) / "src"
 SCRIPTS = Path(workflow.basedir) / "workflow_scripts"
-# The decoder/evaluator sources: they set the code bytes the allocation and the size gate count.
-DECODER = [f"src/{entry}" for entry in DECODER_ENTRY]
 
 
 def data(name):
@@ -187,6 +185,8 @@ def submission_inputs(wildcards):
             seed_path("artifact/{policy}.json"), seed=seeds, policy=policy
         ),
         "train": expand(seed_path("train.json"), seed=seeds),
+        # frozen into the exported train_gpt.py
+        "allocations": expand(seed_path("alloc/{policy}.json"), seed=seeds, policy=policy),
     }
 
 
@@ -290,7 +290,37 @@ def artifact_code():
     the import closure cannot see it)."""
     codec = config["pack"]["matrix_codec"]
     extra = [] if codec == "gptq" else [f"src/pgolf/quant/{codec}.py"]
-    return stage_code("artifact.py", *DECODER, *extra)
+    return stage_code("artifact.py", *extra)
+
+
+def export_spec():
+    """What the exported train_gpt.py freezes in (pgolf.bundle, pgolf.standalone): the sections
+    its stages read, the submission's eval mode with that mode's eval slices, and the seeds."""
+    settings = submission_settings()
+    mode = settings["mode"]
+    if mode == "prequant":
+        raise config_error(
+            "submission.mode = 'prequant': the exported train_gpt.py scores the packed "
+            "artifact; choose roundtrip, sliding or ttt"
+        )
+    spec = json.loads(train_spec())
+    for name in ("scores", "manifest", "hessian", "gptq", "pack"):
+        spec[name] = config[name]
+    evals = json.loads(eval_spec(mode))
+    return {
+        **spec,
+        "eval": evals["eval"],
+        "ttt": evals["ttt"],
+        "mode": mode,
+        "run": RUN,
+        "seeds": settings["seeds"],
+    }
+
+
+def export_code_bytes():
+    """The exported train_gpt.py's size (exact: its allocation field has a fixed width), once
+    per DAG build: what the challenge budget and the size gate count as code bytes."""
+    return code_bytes(export_spec(), names=MATRICES, src=SRC)
 
 
 def sweep_params(*keys):
@@ -335,6 +365,7 @@ def allocate_params(wildcards):
     params = dict(config["allocate"].get(wildcards.policy, {}))
     if wildcards.policy == "rd" and params.get("budget") == "challenge":
         params["limit_bytes"] = config["pack"]["limit_bytes"]
+        params["code_bytes"] = CODE["bytes"]
     return params
 
 
@@ -380,3 +411,7 @@ def analysis_targets():
     if len(SEEDS) > 1:
         targets.append(f"results/{RUN}/analysis/procrustes_seeds.parquet")
     return targets
+
+
+# The exported train_gpt.py's size, counted once per DAG build (after every helper is defined).
+CODE = export_code_bytes()

@@ -14,7 +14,7 @@ rule allocate:
         "../envs/pgolf.yaml"
     params:
         allocate=allocate_params,
-        code=stage_code("allocate.py", *DECODER),
+        code=stage_code("allocate.py"),
     script:
         "../workflow_scripts/allocate.py"
 
@@ -37,6 +37,7 @@ rule artifact:
     params:
         gptq=config["gptq"],
         pack=config["pack"],
+        code_bytes=CODE,
         code=artifact_code(),
     script:
         "../workflow_scripts/artifact.py"

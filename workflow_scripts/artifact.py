@@ -1,4 +1,4 @@
-"""Artifact stage: GPTQ per the allocation, pack, count code bytes, apply the size gate."""
+"""Artifact stage: GPTQ per the allocation, pack, apply the size gate (code bytes from the DAG)."""
 
 from pathlib import Path
 
@@ -17,5 +17,6 @@ with logged(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
         Path(sm.output.meta),
         gptq=section(GPTQConfig, sm.params.gptq, "gptq"),
         pack=section(PackConfig, sm.params.pack, "pack"),
+        code=dict(sm.params.code_bytes),
         provenance=provenance(sm, stage="artifact"),
     )

@@ -1,0 +1,83 @@
+"""The exported train_gpt.py, run by itself from a records-like folder: upstream's env variables,
+no pgolf installed, no pipeline-only package; it rebuilds the pipeline's artifact and score."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pgolf.bundle import decode_allocation, encode_allocations
+from pgolf.io import read_json
+from pgolf.quant.codebytes import code_bytes
+
+pytestmark = pytest.mark.slow
+# What the script must not import: pipeline-only packages, and pgolf from anywhere but itself
+# (the script's own finder sits before this one on sys.meta_path).
+BLOCKER = """import sys
+BLOCKED = {"pyarrow", "safetensors", "yaml", "jsonschema", "snakemake", "tqdm", "matplotlib",
+           "pgolf"}
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"blocked import of {name}")
+sys.meta_path.insert(0, Blocker())
+"""
+
+
+def test_allocations_round_trip_at_a_fixed_width():
+    names = ["tok_emb.weight", "blocks.0.attn.c_q.weight", "blocks.0.mlp.fc.weight"]
+    seeds = [{"bits": {names[0]: 8, names[1]: 5}, "clip_sigmas": {names[0]: 12.85}},
+             {"bits": {n: 6 for n in names}, "clip_sigmas": {n: 0.1 * i for i, n in
+                                                             enumerate(names)}}]
+    text = encode_allocations(seeds, names)
+    assert len(text) == len(encode_allocations([{"bits": {}}] * 2, names))
+    assert decode_allocation(text, names, 0) == ({names[0]: 8, names[1]: 5}, {names[0]: 12.85})
+    assert decode_allocation(text, names, 1) == ({n: 6 for n in names},
+                                                 {n: 0.1 * i for i, n in enumerate(names)})
+
+
+def test_exported_script_reproduces_the_pipeline(finished_once, tmp_path):
+    run = finished_once.path("results/tiny")
+    submission = run / "submission"
+    script = submission / "train_gpt.py"
+    submitted = read_json(submission / "submission.json")
+    rd = read_json(run / "seed1/artifact/rd.json")
+    assert submitted["bytes_code"] == script.stat().st_size == rd["code"]["bytes"]
+    folder = tmp_path / "records" / "track_10min_16mb" / "tiny"
+    folder.mkdir(parents=True)
+    shutil.copy(script, folder / "train_gpt.py")
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "PYTHONPATH": str(guard), "SEED": "1",
+           "DATA_PATH": str(run / "data/shards"),
+           "TOKENIZER_PATH": str(run / "data/tokenizer.model")}
+    done = subprocess.run([sys.executable, "train_gpt.py"], cwd=folder, env=env, text=True,
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    # Same seed, data and code on the CPU: training, Hessians and GPTQ are deterministic, so the
+    # artifact is the pipeline's byte for byte, and so is its score
+    assert (folder / "final_model.pgz").read_bytes() == (run / "seed1/artifact/rd.pgz").read_bytes()
+    ttt = read_json(run / "seed1/eval/rd/ttt.json")
+    exact = re.search(r"final_quantized_ttt_exact val_loss:(\S+) val_bpb:(\S+)", out)
+    assert (float(exact[1]), float(exact[2])) == (ttt["loss"], ttt["bpb"])
+    assert f"quantized_ttt val_loss:{ttt['loss']:.8f} val_bpb:{ttt['bpb']:.8f}" in out
+    total = int(re.search(r"Total submission size quantized\+pgz: (\d+) bytes", out)[1])
+    assert total == submitted["bytes_total"] <= 16_000_000
+    assert f"Code size: {script.stat().st_size} bytes" in out
+
+
+def test_code_bytes_follow_the_sources_and_the_codec(tmp_path):
+    spec = {"run": "x", "mode": "ttt", "seeds": [1], "train": {}, "model": {},
+            "pack": {"matrix_codec": "gptq"}}
+    plain = code_bytes(spec, names=["a"])
+    assert "pgolf/standalone.py" in plain["files"]
+    assert "pgolf/quant/sparse24.py" not in plain["files"]
+    used = code_bytes({**spec, "pack": {"matrix_codec": "sparse24"}}, names=["a"])
+    assert "pgolf/quant/sparse24.py" in used["files"] and used["bytes"] > plain["bytes"]
+    assert not any(f.startswith(("pgolf/analysis", "pgolf/cli", "pgolf/stage")) for f in
+                   plain["files"])
