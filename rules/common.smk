@@ -186,7 +186,9 @@ def submission_inputs(wildcards):
         ),
         "train": expand(seed_path("train.json"), seed=seeds),
         # frozen into the exported train_gpt.py
-        "allocations": expand(seed_path("alloc/{policy}.json"), seed=seeds, policy=policy),
+        "allocations": expand(
+            seed_path("alloc/{policy}.json"), seed=seeds, policy=policy
+        ),
     }
 
 
@@ -295,7 +297,8 @@ def artifact_code():
 
 def export_spec():
     """What the exported train_gpt.py freezes in (pgolf.bundle, pgolf.standalone): the sections
-    its stages read, the submission's eval mode with that mode's eval slices, and the seeds."""
+    its stages read, the submission's eval mode with that mode's eval slices, and the seeds.
+    """
     settings = submission_settings()
     mode = settings["mode"]
     if mode == "prequant":

@@ -89,7 +89,8 @@ def pack(spec: dict, run, allocation: tuple[dict, dict], shards: Path, seed: int
     """The hessians and artifact stages: calibrate, quantize at the frozen allocation, pack,
     gate on artifact + code bytes; rank 0 writes the file."""
     looping = run.model.looping  # as the checkpoint records it, before calibration sets it
-    state = {k: v.detach().cpu().contiguous() for k, v in run.model.state_dict().items()}
+    # in the checkpoint's order (safetensors sorts the names): the artifact keeps that order
+    state = {k: v.detach().cpu().contiguous() for k, v in sorted(run.model.state_dict().items())}
     hessian = section(HessianConfig, spec["hessian"], "hessian")
     device = distributed.pick_device(hessian.device, "hessian.device")
     H = calibrate(run.model.to(device), shards, cfg=hessian, seq_len=run.cfg.seq_len, seed=seed,
