@@ -5,7 +5,8 @@ Stdlib only (the DAG build counts its size). The file is
     '''pgolf run <run>: ...'''                     a docstring: how to run it
     import base64,lzma
     A="<base85>"                                   the seeds' allocations, fixed width
-    exec(lzma.decompress(base64.b85decode("...")))  the payload
+    C='{"eval":...}'                               the frozen settings, as JSON
+    exec(lzma.decompress(base64.b85decode("...")))  the payload: code only
 
 and the payload registers the sources of pgolf.standalone's import closure (plus the optional
 codec the artifact names by module path) with a finder placed first on sys.meta_path, then runs
@@ -17,7 +18,9 @@ cannot drift. An already imported pgolf is refused, so an installed copy can nev
 The allocations sit outside the compressed payload as fixed-size entries, so the file's size is
 known before any allocation exists: the DAG counts it (pgolf.quant.codebytes), the allocation
 and artifact stages budget and gate on it, and the submission stage writes the same number of
-bytes.
+bytes. The settings sit outside it too, as plain JSON, so an edit that keeps their text's length
+(ttt.lr 0.01 -> 0.02, eval.stride 16 -> 32) keeps the count, and reruns no packing; compressed,
+any edit could move the count by a byte.
 """
 
 import base64
@@ -51,7 +54,7 @@ if any(m == "pgolf" or m.startswith("pgolf.") for m in sys.modules):
     raise RuntimeError("train_gpt.py: pgolf is already imported; run this file by itself")
 sys.meta_path.insert(0, Finder())
 from pgolf.standalone import main
-raise SystemExit(main(json.loads({spec!r}), A, __file__))
+raise SystemExit(main(json.loads(C), A, __file__))
 '''
 HEAD = '''"""pgolf run {run}: a Parameter Golf submission exported by pgolf (its size = code bytes).
 Trains, quantizes at the run's frozen allocation, packs final_model.pgz and scores it ({mode}):
@@ -101,12 +104,12 @@ def render(spec: dict, allocations: list[dict] | None, *, names: list[str],
         allocations = [{"bits": {}} for _ in spec["seeds"]]
     if len(allocations) != len(spec["seeds"]):
         raise ValueError(f"{len(allocations)} allocations for seeds {spec['seeds']}")
-    payload = PAYLOAD.format(sources=repr(sources), files=repr(dict(sorted(files.items()))),
-                             spec=json.dumps(spec, sort_keys=True))
+    payload = PAYLOAD.format(sources=repr(sources), files=repr(dict(sorted(files.items()))))
+    settings = json.dumps(spec, sort_keys=True, separators=(",", ":"))
     packed = base64.b85encode(lzma.compress(payload.encode(), preset=9 | lzma.PRESET_EXTREME))
     head = HEAD.format(run=spec["run"], mode=spec["mode"], nproc=spec["train"].get("nproc", 1),
                        seeds="|".join(map(str, spec["seeds"])))
-    text = (f'{head}A="{encode_allocations(allocations, names)}"\n'
+    text = (f'{head}A="{encode_allocations(allocations, names)}"\nC={settings!r}\n'
             f'exec(lzma.decompress(base64.b85decode("{packed.decode()}")))\n')
     return text.encode(), sorted(files.values())
 
