@@ -109,6 +109,7 @@ def test_full_run_writes_every_data_artifact(finished):
     assert {p.name for p in (folder / "logs").iterdir()} >= {
         "train_seed1.log", "train_seed1.json", "eval_seed1_rd_ttt.log"}
     assert f"val_bpb {ttt['bpb']:.5f}" in (folder / "README.md").read_text()
+    assert (folder / "train_gpt.py").stat().st_size == submitted["bytes_code"]
     assert finished.planned() == {}
 
 
@@ -198,8 +199,13 @@ def test_eval_edits_rerun_only_their_modes(finished):
     assert finished.planned() == {"eval_prequant": 1, "eval": 6, "analysis_damage": 1, "seeds": 1,
                                   "submission": 1, "all": 1}
     finished.write_config({**config, "eval": {**config["eval"],
-                                              "modes": ["prequant", "roundtrip"]}})
+                                              "modes": ["prequant", "roundtrip", "ttt"]}})
     assert finished.planned() == {"seeds": 1, "submission": 1, "all": 1}
+    # the submission's mode becomes roundtrip: the exported train_gpt.py, so the code bytes the
+    # size gate counts, change with it
+    finished.write_config({**config, "eval": {**config["eval"],
+                                              "modes": ["prequant", "roundtrip"]}})
+    assert {"artifact", "seeds", "submission"} <= set(finished.planned())
 
 
 def test_analysis_edits_rerun_only_that_analysis(finished):
