@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pgolf.bundle import decode_allocation, encode_allocations
+from pgolf.bundle import decode_allocation, encode_allocations, minify
 from pgolf.io import read_json
 
 pytestmark = pytest.mark.slow
@@ -41,6 +41,18 @@ def test_allocations_round_trip_at_a_fixed_width():
     assert decode_allocation(text, names, 0) == ({names[0]: 8, names[1]: 5}, {names[0]: 12.85})
     assert decode_allocation(text, names, 1) == ({n: 6 for n in names},
                                                  {n: 0.1 * i for i, n in enumerate(names)})
+
+
+def test_minify_drops_comments_and_function_docstrings_only():
+    source = ('"""Module doc."""\n\n\ndef f(x):  # a comment\n    """Doc."""\n'
+              '    return x + 1  # another\n\n\nclass C:\n    """Doc."""\n')
+    small = minify(source)
+    assert "comment" not in small and "another" not in small and small.count('"""') == 2
+    assert "Module doc." in small
+    namespace = {}
+    exec(small, namespace)
+    assert namespace["f"](2) == 3 and namespace["__doc__"] == "Module doc."
+    assert namespace["f"].__doc__ is None and namespace["C"].__doc__ is None
 
 
 def test_exported_script_reproduces_the_pipeline(finished_once, tmp_path):

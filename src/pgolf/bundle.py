@@ -10,10 +10,12 @@ Stdlib only (the DAG build counts its size). The file is
 
 and the payload registers the sources of pgolf.standalone's import closure (plus the optional
 codec the artifact names by module path) with a finder placed first on sys.meta_path, then runs
-pgolf.standalone.main with the frozen settings. The modules keep their own names and bytes:
-embedded, not flattened or renamed, the code that runs upstream is exactly the pipeline's code
-(importlib strings such as the optional codecs' module paths resolve unchanged), so the two
-cannot drift. An already imported pgolf is refused, so an installed copy can never stand in.
+pgolf.standalone.main with the frozen settings. The modules keep their own names: embedded, not
+flattened or renamed, the code that runs upstream is the pipeline's code (importlib strings such
+as the optional codecs' module paths resolve unchanged), so the two cannot drift. Each source
+goes through an ast round trip that drops comments and function docstrings (minify: a third
+fewer code bytes, the same program). An already imported pgolf is refused, so an installed copy
+can never stand in.
 
 The allocations sit outside the compressed payload as fixed-size entries, so the file's size is
 known before any allocation exists: the DAG counts it (pgolf.quant.codebytes), the allocation
@@ -23,6 +25,7 @@ bytes. The settings sit outside it too, as plain JSON, so an edit that keeps the
 any edit could move the count by a byte.
 """
 
+import ast
 import base64
 import json
 import lzma
@@ -86,6 +89,19 @@ def decode_allocation(text: str, names: list[str], index: int) -> tuple[dict, di
     return bits, clips
 
 
+def minify(source: str) -> str:
+    """The same module without comments and function and class docstrings (its own docstring
+    stays: argparse descriptions read __doc__)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            body = node.body
+            if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree) + "\n"
+
+
 def closure(spec: dict, src: Path) -> list[Path]:
     """The files the script embeds: pgolf.standalone's import closure and the optional codec."""
     codec = spec["pack"].get("matrix_codec", "gptq")
@@ -99,7 +115,7 @@ def render(spec: dict, allocations: list[dict] | None, *, names: list[str],
     None gives placeholders of the same width: a file of exactly the same size."""
     files = {".".join(Path(f.relative_to(src)).with_suffix("").parts).removesuffix(".__init__"):
              str(f.relative_to(src)) for f in closure(spec, src)}
-    sources = {name: (src / rel).read_text() for name, rel in sorted(files.items())}
+    sources = {name: minify((src / rel).read_text()) for name, rel in sorted(files.items())}
     if allocations is None:
         allocations = [{"bits": {}} for _ in spec["seeds"]]
     if len(allocations) != len(spec["seeds"]):
