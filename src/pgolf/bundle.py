@@ -13,9 +13,9 @@ codec the artifact names by module path) with a finder placed first on sys.meta_
 pgolf.standalone.main with the frozen settings. The modules keep their own names: embedded, not
 flattened or renamed, the code that runs upstream is the pipeline's code (importlib strings such
 as the optional codecs' module paths resolve unchanged), so the two cannot drift. Each source
-goes through an ast round trip that drops comments and function docstrings (minify: a third
-fewer code bytes, the same program). An already imported pgolf is refused, so an installed copy
-can never stand in.
+goes through an ast round trip that drops comments and function docstrings (minify: about a
+fifth fewer code bytes, the same program). An already imported pgolf is refused, so an installed
+copy can never stand in.
 
 The allocations sit outside the compressed payload as fixed-size entries, so the file's size is
 known before any allocation exists: the DAG counts it (pgolf.quant.codebytes), the allocation
