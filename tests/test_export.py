@@ -6,13 +6,16 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pgolf.bundle import decode_allocation, encode_allocations, minify
+from pgolf.data.shards import list_shards, write_shard
 from pgolf.io import read_json
+from pgolf.standalone import data_paths
 
-pytestmark = pytest.mark.slow
 # What the script must not import: pipeline-only packages, and pgolf from anywhere but itself
 # (the script's own finder sits before this one on sys.meta_path).
 BLOCKER = """import importlib.abc, importlib.machinery, sys
@@ -55,6 +58,23 @@ def test_minify_drops_comments_and_function_docstrings_only():
     assert namespace["f"].__doc__ is None and namespace["C"].__doc__ is None
 
 
+def test_data_paths_follow_upstreams_variables_and_layout(tmp_path):
+    assert data_paths(8192, env={}) == (Path("data/datasets/fineweb10B_sp8192"),
+                                        Path("data/tokenizers/fineweb_8192_bpe.model"))
+    assert data_paths(384, env={"DATA_DIR": "/d"}) == (
+        Path("/d/datasets/fineweb10B_sp384"), Path("/d/tokenizers/fineweb_384_bpe.model"))
+    assert data_paths(384, env={"DATA_DIR": "/d", "DATA_PATH": "/s", "TOKENIZER_PATH": "/t"}) \
+        == (Path("/s"), Path("/t"))
+    # upstream's shard names are read where pgolf's are absent; pgolf's win where both are
+    for name in ("fineweb_train_000001.bin", "fineweb_train_000000.bin", "fineweb_val_000000.bin"):
+        write_shard(tmp_path / name, np.arange(10))
+    assert [p.name for p in list_shards(tmp_path, "train")] == ["fineweb_train_000000.bin",
+                                                                "fineweb_train_000001.bin"]
+    write_shard(tmp_path / "train_000000.bin", np.arange(10))
+    assert [p.name for p in list_shards(tmp_path, "train")] == ["train_000000.bin"]
+
+
+@pytest.mark.slow
 def test_exported_script_reproduces_the_pipeline(finished_once, tmp_path):
     run = finished_once.path("results/tiny")
     submission = run / "submission"
