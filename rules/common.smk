@@ -5,7 +5,8 @@ from pathlib import Path
 from pgolf.codehash import code_hash
 from pgolf.config import validate_config
 from pgolf.model.config import GPTConfig, quantizable_matrices
-from pgolf.quant.codebytes import DECODER_ENTRY, model_code
+from pgolf.bundle import model_code
+from pgolf.quant.codebytes import code_bytes
 
 
 def config_error(message):
@@ -118,8 +119,6 @@ SRC = Path(workflow.basedir) / "src"
 SCRIPTS = Path(workflow.basedir) / "workflow_scripts"
 # The fused kernels the model imports by name under model.kernels: triton (training, TTT).
 MODEL_CODE = [f"src/{entry}" for entry in model_code(config["model"]["kernels"])]
-# The decoder/evaluator sources: they set the code bytes the allocation and the size gate count.
-DECODER = [f"src/{entry}" for entry in DECODER_ENTRY] + MODEL_CODE
 
 
 def data(name):
@@ -222,6 +221,10 @@ def submission_inputs(wildcards):
             seed_path("artifact/{policy}.json"), seed=seeds, policy=policy
         ),
         "train": expand(seed_path("train.json"), seed=seeds),
+        # frozen into the exported train_gpt.py
+        "allocations": expand(
+            seed_path("alloc/{policy}.json"), seed=seeds, policy=policy
+        ),
     }
 
 
@@ -332,7 +335,36 @@ def artifact_code():
     the import closure cannot see it)."""
     codec = config["pack"]["matrix_codec"]
     extra = [] if codec == "gptq" else [f"src/pgolf/quant/{codec}.py"]
-    return stage_code("artifact.py", *DECODER, *extra)
+    return stage_code("artifact.py", *extra)
+
+
+def export_spec():
+    """What the exported train_gpt.py freezes in (pgolf.bundle, pgolf.standalone): the sections
+    its stages read, the submission's eval mode with that mode's eval slices, and the seeds.
+    """
+    settings = submission_settings()
+    mode = settings["mode"]
+    if mode == "prequant":
+        raise config_error(
+            "submission.mode = 'prequant': the exported train_gpt.py scores the packed "
+            "artifact; choose roundtrip, sliding, ttt or phased_ttt"
+        )
+    spec = json.loads(train_spec())
+    for name in ("scores", "manifest", "hessian", "gptq", "pack", "lqer"):
+        spec[name] = config[name]
+    return {
+        **spec,
+        **json.loads(eval_spec(mode)),  # eval, ttt, and lora_ttt for phased_ttt
+        "mode": mode,
+        "run": RUN,
+        "seeds": settings["seeds"],
+    }
+
+
+def export_code_bytes():
+    """The exported train_gpt.py's size (exact: its allocation field has a fixed width), once
+    per DAG build: what the challenge budget and the size gate count as code bytes."""
+    return code_bytes(export_spec(), names=MATRICES, src=SRC)
 
 
 def sweep_params(*keys):
@@ -377,6 +409,7 @@ def allocate_params(wildcards):
     params = dict(config["allocate"].get(wildcards.policy, {}))
     if wildcards.policy == "rd" and params.get("budget") == "challenge":
         params["limit_bytes"] = config["pack"]["limit_bytes"]
+        params["code_bytes"] = CODE["bytes"]
     return params
 
 
@@ -422,3 +455,7 @@ def analysis_targets():
     if len(SEEDS) > 1:
         targets.append(f"results/{RUN}/analysis/procrustes_seeds.parquet")
     return targets
+
+
+# The exported train_gpt.py's size, counted once per DAG build (after every helper is defined).
+CODE = export_code_bytes()

@@ -14,7 +14,7 @@ rule allocate:
         "../envs/pgolf.yaml"
     params:
         allocate=allocate_params,
-        code=stage_code("allocate.py", *DECODER),
+        code=stage_code("allocate.py"),
     script:
         "../workflow_scripts/allocate.py"
 
@@ -38,6 +38,7 @@ rule artifact:
         gptq=config["gptq"],
         pack=config["pack"],
         lqer=config["lqer"],
+        code_bytes=CODE,
         code=artifact_code(),
     script:
         "../workflow_scripts/artifact.py"

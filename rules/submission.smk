@@ -1,4 +1,5 @@
-# The upstream records/ folder for the chosen policy and seeds, scored from the eval outputs.
+# The upstream records/ folder for the chosen policy and seeds, scored from the eval outputs,
+# with the exported train_gpt.py that reproduces them.
 
 
 rule submission:
@@ -16,6 +17,8 @@ rule submission:
         submission=submission_settings(),
         modes=config["eval"]["modes"],
         run=RUN,
+        export=export_spec(),
+        matrices=MATRICES,
         code=stage_code("submission.py"),
     script:
         "../workflow_scripts/submission.py"

@@ -109,6 +109,47 @@ def workflow(tmp_path) -> Workflow:
     return make_workflow(tmp_path)
 
 
+TINY_MODEL = {"num_layers": 2, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1,
+              "loop_start": 0, "loop_end": 0, "num_loops": 1, "rope_train_seq_len": 64}
+TINY_TRAIN = {"seq_len": 64, "batch_tokens": 256, "steps": 4, "max_seconds": None,
+              "checkpoint_every": 0, "val_max_tokens": 4096}
+
+
+def tiny_config(docs, **overrides):
+    config = {
+        "run": "tiny",
+        "corpus": {"source": "jsonl", "path": str(docs)},
+        "tokenizer": {"vocab_size": 384},
+        "shards": {"val_docs": 3, "shard_tokens": 30_000},
+        "manifest": {"num_buckets": 4},
+        "model": TINY_MODEL,
+        "train": TINY_TRAIN,
+        "hessian": {"batches": 2, "batch_seqs": 4, "device": "auto"},
+        "sweep": {"bits": [4, 6, 8], "windows": 8, "batch_seqs": 8, "bootstrap": 100},
+        "allocate": {"policies": ["uniform", "rd"], "rd": {"budget": "policy:uniform"}},
+        "eval": {"max_tokens": 2048, "stride": 16, "batch_seqs": 16},
+        "ttt": {"chunk_tokens": 512, "epochs": 1, "lr": 0.01, "batch_seqs": 4},
+        "analysis": {"windows": 4, "batch_seqs": 4, "loops": {"iterations": 3, "bootstrap": 100},
+                     "outliers": {"draws": 2},
+                     "generation": {"prompts": 2, "prompt_tokens": 8, "new_tokens": 8}},
+        "seeds": [1],
+    }
+    for key, value in overrides.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    return config
+
+
+@pytest.fixture(scope="session")
+def finished_once(tmp_path_factory, sotu_texts):
+    """The tiny run, completed once per session (test_workflow and test_export read it)."""
+    workflow = make_workflow(tmp_path_factory.mktemp("finished"))
+    write_jsonl(workflow.root / "docs.jsonl", sotu_texts[:30])
+    workflow.write_config(tiny_config("docs.jsonl"))  # relative: copies keep the same params
+    # two fake GPUs: the jobs that hold GPUs claim them (and, with no CUDA, run on the CPU)
+    workflow.run(env={"PGOLF_GPU_DEVICES": "2", "PGOLF_GPU_LOCKS": str(workflow.root / "locks")})
+    return workflow
+
+
 def check_refuses_damage(blob: bytes, unpack) -> None:
     """An optional codec's blob: truncation, a wrong magic and trailing bytes raise ValueError;
     a flipped byte gives a clear ValueError or a valid representation, never another error."""

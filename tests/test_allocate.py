@@ -121,7 +121,12 @@ def test_budget_errors(tiny_run):
 
 def test_challenge_budget_spends_on_the_most_bits(tiny_run):
     rd = build_allocation(tiny_run / "model.safetensors", tiny_run / "sensitivity.parquet", "rd",
-                          tiny_run / "rd_challenge.json", cfg=RDConfig(budget="challenge"))
+                          tiny_run / "rd_challenge.json", cfg=RDConfig(budget="challenge"),
+                          code_bytes=54_321)
     assert set(rd["bits"].values()) == {8}  # 16 MB is far more than this tiny model needs
-    assert rd["budget"]["bytes"] < 16_000_000 and "code" in rd["budget"]["source"]
+    assert rd["budget"]["bytes"] == 16_000_000 - 54_321
+    assert "54,321 B code" in rd["budget"]["source"]
+    with pytest.raises(ValueError, match="'challenge' needs the code bytes"):
+        build_allocation(tiny_run / "model.safetensors", tiny_run / "sensitivity.parquet", "rd",
+                         tiny_run / "rd_x.json", cfg=RDConfig(budget="challenge"))
     assert 0 < rd["predicted"]["fixed_bytes"] < 10_000

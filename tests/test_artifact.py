@@ -171,8 +171,11 @@ def test_optional_codec_tensors_round_trip(tmp_path, codec):
     assert set(loaded) == set(original)
     assert torch.equal(loaded["blocks.0.mlp.proj.weight"], module.dequantize(rep))
     assert info["breakdown"]["blocks.0.mlp.proj.weight"]["codec"] == codec
-    # the codec's source counts as code bytes only when an artifact uses it
-    plain, used = code_bytes(), code_bytes(extra=(f"pgolf/quant/{codec}.py",))
+    # the codec's source counts as code bytes (the exported train_gpt.py embeds it) only when
+    # the artifact uses it
+    spec = {"run": "x", "mode": "ttt", "seeds": [1], "train": {}, "model": {}}
+    plain = code_bytes({**spec, "pack": {"matrix_codec": "gptq"}}, names=["a"])
+    used = code_bytes({**spec, "pack": {"matrix_codec": codec}}, names=["a"])
     assert f"pgolf/quant/{codec}.py" not in plain["files"]
     assert f"pgolf/quant/{codec}.py" in used["files"] and used["bytes"] > plain["bytes"]
 

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import Workflow, make_workflow, write_jsonl
+from conftest import TINY_MODEL, TINY_TRAIN, Workflow, tiny_config, write_jsonl
 from safetensors import safe_open
 
 from pgolf.analysis.table import read_analysis
@@ -29,47 +29,6 @@ QUANTIZERS = {"sweep_baseline", "sweep", "block_groups", "sensitivity", "allocat
 MODEL_READERS = {"loss_curves", "analysis_outliers", "analysis_procrustes", "analysis_skips"}
 AFTER_TRAIN = {"train", "hessians", "eval_prequant", *MODEL_READERS, *QUANTIZERS}
 DATA_RULES = {"tokenizer", "shards", "window_scores", "curriculum", *AFTER_TRAIN}
-TINY_MODEL = {"num_layers": 2, "model_dim": 32, "num_heads": 2, "num_kv_heads": 1,
-              "loop_start": 0, "loop_end": 0, "num_loops": 1, "rope_train_seq_len": 64}
-TINY_TRAIN = {"seq_len": 64, "batch_tokens": 256, "steps": 4, "max_seconds": None,
-              "checkpoint_every": 0, "val_max_tokens": 4096}
-
-
-def tiny_config(docs, **overrides):
-    config = {
-        "run": "tiny",
-        "corpus": {"source": "jsonl", "path": str(docs)},
-        "tokenizer": {"vocab_size": 384},
-        "shards": {"val_docs": 3, "shard_tokens": 30_000},
-        "manifest": {"num_buckets": 4},
-        "model": TINY_MODEL,
-        "train": TINY_TRAIN,
-        "hessian": {"batches": 2, "batch_seqs": 4, "device": "auto"},
-        "sweep": {"bits": [4, 6, 8], "windows": 8, "batch_seqs": 8, "bootstrap": 100},
-        "allocate": {"policies": ["uniform", "rd"], "rd": {"budget": "policy:uniform"}},
-        "eval": {"max_tokens": 2048, "stride": 16, "batch_seqs": 16},
-        "ttt": {"chunk_tokens": 512, "epochs": 1, "lr": 0.01, "batch_seqs": 4},
-        "analysis": {"windows": 4, "batch_seqs": 4, "loops": {"iterations": 3, "bootstrap": 100},
-                     "outliers": {"draws": 2},
-                     "generation": {"prompts": 2, "prompt_tokens": 8, "new_tokens": 8}},
-        "seeds": [1],
-    }
-    for key, value in overrides.items():
-        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
-    return config
-
-
-@pytest.fixture(scope="module")
-def finished_once(tmp_path_factory, sotu_texts):
-    """The tiny run, completed once per module."""
-    workflow = make_workflow(tmp_path_factory.mktemp("finished"))
-    write_jsonl(workflow.root / "docs.jsonl", sotu_texts[:30])
-    workflow.write_config(tiny_config("docs.jsonl"))  # relative: copies keep the same params
-    # two fake GPUs: the jobs that hold GPUs claim them (and, with no CUDA, run on the CPU)
-    workflow.run(env={"PGOLF_GPU_DEVICES": "2", "PGOLF_GPU_LOCKS": str(workflow.root / "locks")})
-    return workflow
-
-
 @pytest.fixture
 def finished(finished_once, tmp_path):
     """A private copy of the finished run (results and Snakemake metadata, mtimes kept)."""
@@ -150,6 +109,7 @@ def test_full_run_writes_every_data_artifact(finished):
     assert {p.name for p in (folder / "logs").iterdir()} >= {
         "train_seed1.log", "train_seed1.json", "eval_seed1_rd_ttt.log"}
     assert f"val_bpb {ttt['bpb']:.5f}" in (folder / "README.md").read_text()
+    assert (folder / "train_gpt.py").stat().st_size == submitted["bytes_code"]
     assert finished.planned() == {}
 
 
@@ -239,14 +199,22 @@ def test_eval_edits_rerun_only_their_modes(finished):
     assert finished.planned() == {"eval_prequant": 1, "eval": 6, "analysis_damage": 1, "seeds": 1,
                                   "submission": 1, "all": 1}
     finished.write_config({**config, "eval": {**config["eval"],
-                                              "modes": ["prequant", "roundtrip"]}})
+                                              "modes": ["prequant", "roundtrip", "ttt"]}})
     assert finished.planned() == {"seeds": 1, "submission": 1, "all": 1}
+    # the submission's mode becomes roundtrip: the exported train_gpt.py, so the code bytes the
+    # size gate counts, change with it
+    finished.write_config({**config, "eval": {**config["eval"],
+                                              "modes": ["prequant", "roundtrip"]}})
+    assert {"artifact", "seeds", "submission"} <= set(finished.planned())
     finished.write_config({**config, "lora_ttt": {"rank": 4, "phases": {"num_phases": 0}}})
     assert finished.planned() == {}  # phased_ttt is off unless listed
     finished.write_config({**config, "lora_ttt": {"rank": 4, "phases": {"num_phases": 0}},
                            "eval": {**config["eval"], "modes": [
                                "prequant", "roundtrip", "sliding", "ttt", "phased_ttt"]}})
-    assert finished.planned() == {"eval": 2, "seeds": 1, "submission": 1, "all": 1}
+    # listed, it becomes the submission's mode: the exported train_gpt.py changes, so does the
+    # code-bytes count, and the artifacts are packed again under it
+    planned = finished.planned()
+    assert planned["eval"] >= 2 and {"artifact", "seeds", "submission"} <= set(planned)
 
 
 def test_analysis_edits_rerun_only_that_analysis(finished):

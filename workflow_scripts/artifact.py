@@ -1,4 +1,4 @@
-"""Artifact stage: GPTQ per the allocation, pack, count code bytes, apply the size gate."""
+"""Artifact stage: GPTQ per the allocation, pack, apply the size gate (code bytes from the DAG)."""
 
 from pathlib import Path
 
@@ -19,5 +19,6 @@ with logged(snakemake.log[0]):  # noqa: F821 (injected by Snakemake)
         gptq=section(GPTQConfig, sm.params.gptq, "gptq"),
         pack=section(PackConfig, sm.params.pack, "pack"),
         lqer=section(LQERConfig, sm.params.lqer, "lqer"),
+        code=dict(sm.params.code_bytes),
         provenance=provenance(sm, stage="artifact"),
     )

@@ -6,11 +6,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import jsonschema
-import yaml
-
 SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "config.schema.yaml"
 T = TypeVar("T")
+# jsonschema and yaml are imported where used: the exported train_gpt.py ships this module
+# without them.
 
 
 def section(cls: type[T], values: dict[str, Any] | None, name: str | None = None) -> T:
@@ -30,6 +29,9 @@ def validate_config(config: dict, *, schema: str | Path = SCHEMA,
 
     A violation raises one ValueError naming the config files, the key and the bad value.
     """
+    import jsonschema
+    import yaml
+
     with open(schema) as f:
         spec = yaml.safe_load(f)
     fill_defaults(config, spec)
@@ -58,6 +60,8 @@ def _copy(value):
 
 def load_config(*paths: str | Path, schema: str | Path = SCHEMA) -> dict:
     """Merge YAML files (later wins, nested), then validate and fill schema defaults."""
+    import yaml
+
     config: dict = {}
     for path in paths:
         with open(path) as f:

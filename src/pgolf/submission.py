@@ -1,5 +1,6 @@
-"""The upstream `records/` folder for a chosen policy and seed set: README.md, submission.json,
-the train and eval logs and the artifacts, with the scores taken from the eval stage's outputs."""
+"""The upstream `records/` folder for a chosen policy and seed set: train_gpt.py (pgolf.bundle),
+README.md, submission.json, the train and eval logs and the artifacts, with the scores taken from
+the eval stage's outputs."""
 
 import shutil
 import tempfile
@@ -7,8 +8,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pgolf.bundle import render
 from pgolf.eval.stats import spread
 from pgolf.io import read_json, write_json
+from pgolf.quant.codebytes import SRC
 
 
 @dataclass(kw_only=True)
@@ -31,6 +34,7 @@ class SeedRun:
     artifact_meta: dict
     train: Path  # train.json: the config, steps and timings
     logs: list  # log files to copy (missing ones are skipped)
+    allocation: Path | None = None  # alloc/<policy>.json, frozen into train_gpt.py
 
 
 def fields(runs: list[SeedRun], cfg: SubmissionConfig) -> dict:
@@ -75,19 +79,41 @@ def readme(runs: list[SeedRun], info: dict, modes: list[str], cfg: SubmissionCon
               "number above is read from the pipeline's eval outputs, which score the artifact "
               "as read back from disk.", "",
               "## Reproduce", "",
+              "From this folder, per seed (with upstream's data, or DATA_PATH and "
+              "TOKENIZER_PATH set):", "",
+              f"    SEED={runs[0].seed} torchrun --standalone --nproc_per_node=<train.nproc> "
+              "train_gpt.py", "",
+              "or the whole pipeline:", "",
               "    pip install -c constraints.txt -e .",
               "    snakemake --cores all --configfile <the run's config files>",
               "    pgolf audit results/<run>/seed<S>/artifact/<policy>.pgz   # its lineage", "",
               "## Files", "",
+              "- `train_gpt.py`: the whole submission's code (pgolf's modules embedded, this "
+              "run's settings and allocations frozen in): it trains, packs `final_model.pgz` "
+              "and scores it; its size is the code bytes above",
               "- `submission.json`: the fields upstream reads, plus per-seed detail",
               "- `artifact_seed<S>.pgz`: the packed model of each seed",
               "- `logs/`: each seed's train summary (`train_seed<S>.json`), train and eval logs"]
     return "\n".join(lines) + "\n"
 
 
+def script(runs: list[SeedRun], spec: dict, names: list[str], src: Path = SRC) -> bytes:
+    """train_gpt.py with the seeds' allocations frozen in; its size must be the code bytes the
+    artifact stage gated on (the DAG counted the same file, placeholders in its fixed-width
+    allocation field)."""
+    data, _ = render(spec, [read_json(r.allocation) for r in runs], names=names, src=src)
+    for r in runs:
+        counted = r.artifact_meta["code"]["bytes"]
+        if counted != len(data):
+            raise ValueError(f"train_gpt.py is {len(data):,} B but seed {r.seed}'s artifact "
+                             f"counted {counted:,} B of code: rerun its artifact stage")
+    return data
+
+
 def export_submission(runs: list[SeedRun], out: Path, *, cfg: SubmissionConfig,
-                      modes: list[str], run_name: str) -> dict:
-    """Write the folder next to `out`, then move it into place (a failure leaves nothing)."""
+                      modes: list[str], run_name: str, code: bytes) -> dict:
+    """Write the folder (with `code` as train_gpt.py) next to `out`, then move it into place
+    (a failure leaves nothing)."""
     if cfg.mode not in modes:
         raise ValueError(f"submission.mode = {cfg.mode!r} is not among eval.modes {modes}")
     info = fields(runs, cfg)
@@ -102,6 +128,7 @@ def export_submission(runs: list[SeedRun], out: Path, *, cfg: SubmissionConfig,
             for log in map(Path, r.logs):
                 if log.is_file():
                     shutil.copyfile(log, staging / "logs" / log.name)
+        (staging / "train_gpt.py").write_bytes(code)
         write_json(staging / "submission.json", info)
         (staging / "README.md").write_text(readme(runs, info, modes, cfg, run_name))
         if out.exists():
@@ -114,7 +141,7 @@ def export_submission(runs: list[SeedRun], out: Path, *, cfg: SubmissionConfig,
 
 
 def load_runs(seeds: list[int], *, evals: list, artifacts: list, train: list, policy: str,
-              modes: list[str], logs: Path) -> list[SeedRun]:
+              modes: list[str], logs: Path, allocations: list | None = None) -> list[SeedRun]:
     """The seeds' outputs (eval paths seed-major, then mode; the rest one per seed; each
     artifact's JSON beside it) and their logs."""
     runs = []
@@ -124,7 +151,7 @@ def load_runs(seeds: list[int], *, evals: list, artifacts: list, train: list, po
         runs.append(SeedRun(
             seed=s, evals={m: read_json(p) for m, p in zip(modes, mine, strict=True)},
             artifact=artifact, artifact_meta=read_json(artifact.with_suffix(".json")),
-            train=Path(train[i]),
+            train=Path(train[i]), allocation=Path(allocations[i]) if allocations else None,
             logs=[logs / f"train_seed{s}.log", logs / f"eval_seed{s}_prequant.log",
                   *(logs / f"eval_seed{s}_{policy}_{m}.log" for m in modes if m != "prequant")]))
     return runs

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from pgolf.data.scores import read_metadata
 from pgolf.data.shards import list_shards, read_shard
 
+# pyarrow is imported where used: the exported train_gpt.py ships this module without it.
 SAMPLERS = ("curriculum", "shuffled")
 
 
@@ -128,18 +128,29 @@ def check_manifest(manifest: Path, *, seq_len: int, vocab_size: int) -> dict:
     return meta
 
 
-def open_streams(cfg: LoaderConfig, *, shard_dir: Path, manifest: Path | None, seq_len: int,
-                 vocab_size: int, seed: int, streams: list[int]):
-    """Build the given streams of this run (each owns train shards s::S)."""
+def read_manifest(manifest: Path, *, seq_len: int, vocab_size: int) -> dict:
+    """The curriculum's windows (shard name, start, bucket arrays) and its bucket count."""
+    import pyarrow.parquet as pq
+
+    meta = check_manifest(manifest, seq_len=seq_len, vocab_size=vocab_size)
+    table = pq.read_table(manifest, columns=["shard", "start", "bucket"]).to_pydict()
+    return {**{k: np.asarray(v) for k, v in table.items()}, "num_buckets": meta["num_buckets"]}
+
+
+def open_streams(cfg: LoaderConfig, *, shard_dir: Path, manifest: Path | dict | None,
+                 seq_len: int, vocab_size: int, seed: int, streams: list[int]):
+    """Build the given streams of this run (each owns train shards s::S). `manifest` is the
+    curriculum's file or, as read_manifest returns it, its windows."""
     files = list_shards(shard_dir, "train")
     if len(files) < cfg.streams:
         raise ValueError(f"{shard_dir}: {len(files)} train shards cannot feed "
                          f"train.loader.streams={cfg.streams}; lower streams or shard_tokens")
     table = None
     if cfg.sampler == "curriculum":
-        meta = check_manifest(manifest, seq_len=seq_len, vocab_size=vocab_size)
-        table = pq.read_table(manifest, columns=["shard", "start", "bucket"]).to_pydict()
-        table = {k: np.asarray(v) for k, v in table.items()}
+        table = manifest if isinstance(manifest, dict) else read_manifest(
+            manifest, seq_len=seq_len, vocab_size=vocab_size)
+        num_buckets = table["num_buckets"]
+        table = {k: table[k] for k in ("shard", "start", "bucket")}
     out = []
     for s in streams:
         owned = {p.name: read_shard(p) for p in files[s::cfg.streams]}
@@ -149,7 +160,7 @@ def open_streams(cfg: LoaderConfig, *, shard_dir: Path, manifest: Path | None, s
             continue
         keep = np.isin(table["shard"], list(owned))
         windows = {k: v[keep] for k, v in table.items()}
-        out.append(CurriculumStream(windows, owned, num_buckets=meta["num_buckets"],
+        out.append(CurriculumStream(windows, owned, num_buckets=num_buckets,
                                     seq_len=seq_len, floor=cfg.curriculum_floor, rng=rng))
     return out
 

@@ -4,13 +4,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pgolf.data.scores import read_metadata, write_table
 from pgolf.io import write_json
-from pgolf.plot import figure
 from pgolf.provenance import Provenance
+
+# pyarrow and matplotlib (pgolf.plot) are imported where used: the exported train_gpt.py
+# ships this module without them.
 
 
 @dataclass(kw_only=True)
@@ -43,6 +43,9 @@ def build_manifest(scores_path: Path, out: Path, meta_out: Path, plot_out: Path 
                    cfg: ManifestConfig, provenance: Provenance | None = None) -> dict:
     """Write curriculum.parquet (shard, start, score, bucket), curriculum.json (edges, counts)
     and a histogram of the scores with the bucket edges."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     table = pq.read_table(scores_path)
     source = read_metadata(scores_path)
     score = table["score"].to_numpy()
@@ -70,6 +73,8 @@ def _bucket_stats(s: np.ndarray) -> dict:
 
 
 def plot_histogram(score: np.ndarray, edges: list[float], out: Path, *, title: str) -> None:
+    from pgolf.plot import figure
+
     with figure(out, size=(7, 3.5)) as ax:
         ax.hist(score, bins=100, color="#4c72b0")
         for edge in edges:

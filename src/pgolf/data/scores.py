@@ -12,16 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import sentencepiece as spm
 import zstandard
-from tqdm import tqdm
 
 from pgolf.data.shards import list_shards, read_shard, token_counts
 from pgolf.io import atomic_path
 from pgolf.provenance import Provenance
 
+# pyarrow and tqdm are imported where used: the exported train_gpt.py ships this module
+# without them.
 SCORERS = ("unigram", "zstd")
 TASK_WINDOWS = 4096  # windows per task: small enough to balance, large enough to vectorise
 
@@ -81,10 +80,10 @@ def _score_task(task: tuple[str, int, int]) -> np.ndarray:
     return zstd_scores(tokens, first, last, w["seq_len"], w["sp"], w["level"])
 
 
-def score_windows(shard_dir: Path, tokenizer: Path, out: Path, *, cfg: ScoresConfig,
-                  seq_len: int, vocab_size: int, threads: int = 1,
-                  provenance: Provenance | None = None) -> pa.Table:
-    """Score every training window of the train shards; write window_scores.parquet."""
+def window_scores(shard_dir: Path, tokenizer: Path, *, cfg: ScoresConfig, seq_len: int,
+                  vocab_size: int, threads: int = 1, progress=lambda tasks, total: tasks) -> dict:
+    """Every training window's shard name, start and score, as numpy arrays in shard order
+    (no pyarrow: the exported train_gpt.py builds its curriculum with this)."""
     shards = list_shards(shard_dir, "train")
     if not shards:
         raise ValueError(f"shard folder {shard_dir}: no train shards to score")
@@ -99,28 +98,43 @@ def score_windows(shard_dir: Path, tokenizer: Path, out: Path, *, cfg: ScoresCon
     init = (cfg.scorer, seq_len, cfg.zstd_level, str(tokenizer), surprisal)
     if threads > 1:
         with ProcessPoolExecutor(threads, initializer=_init_worker, initargs=init) as pool:
-            parts = list(tqdm(pool.map(_score_task, tasks), total=len(tasks), desc="score"))
+            parts = list(progress(pool.map(_score_task, tasks), len(tasks)))
     else:
         _init_worker(*init)
-        parts = [_score_task(t) for t in tqdm(tasks, desc="score")]
-    table = pa.table({
-        "shard": pa.array([Path(p).name for p, a, b in tasks for _ in range(b - a)]
-                          ).dictionary_encode(),
-        "start": np.concatenate([np.arange(a, b) * seq_len for _, a, b in tasks]),
-        "score": np.concatenate(parts),
-    })
+        parts = [_score_task(t) for t in progress(tasks, len(tasks))]
+    return {"shard": np.array([Path(p).name for p, a, b in tasks for _ in range(b - a)]),
+            "start": np.concatenate([np.arange(a, b) * seq_len for _, a, b in tasks]),
+            "score": np.concatenate(parts)}
+
+
+def score_windows(shard_dir: Path, tokenizer: Path, out: Path, *, cfg: ScoresConfig,
+                  seq_len: int, vocab_size: int, threads: int = 1,
+                  provenance: Provenance | None = None):
+    """Score every training window of the train shards; write window_scores.parquet."""
+    import pyarrow as pa
+    from tqdm import tqdm
+
+    windows = window_scores(shard_dir, tokenizer, cfg=cfg, seq_len=seq_len,
+                            vocab_size=vocab_size, threads=threads,
+                            progress=lambda tasks, total: tqdm(tasks, total=total, desc="score"))
+    table = pa.table({"shard": pa.array(windows["shard"].tolist()).dictionary_encode(),
+                      "start": windows["start"], "score": windows["score"]})
     meta = {"scorer": cfg.scorer, "seq_len": seq_len, "vocab_size": vocab_size,
             "provenance": provenance.record() if provenance else None}
     write_table(table, out, meta)
     return table
 
 
-def write_table(table: pa.Table, out: Path, meta: dict) -> None:
+def write_table(table, out: Path, meta: dict) -> None:
     """Parquet with our metadata (JSON under the key b"pgolf"), written atomically."""
+    import pyarrow.parquet as pq
+
     table = table.replace_schema_metadata({b"pgolf": json.dumps(meta).encode()})
     with atomic_path(out) as tmp:
         pq.write_table(table, tmp)
 
 
 def read_metadata(path: Path) -> dict:
+    import pyarrow.parquet as pq
+
     return json.loads(pq.read_schema(path).metadata[b"pgolf"])

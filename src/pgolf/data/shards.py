@@ -152,7 +152,11 @@ def summary_path(directory: str | Path) -> Path:
 
 
 def list_shards(directory: str | Path, split: str) -> list[Path]:
-    return sorted(Path(directory).glob(f"{split}_*.bin"))
+    """A split's shards: pgolf's names (val_000000.bin), else upstream's (fineweb_val_000000.bin),
+    so an exported train_gpt.py reads either folder."""
+    ours = sorted(Path(directory).glob(f"{split}_*.bin"))
+    return ours or sorted(Path(directory).glob(f"fineweb_{split}_" + "[0-9]" * 6 + ".bin"))
+
 
 
 def list_sidecars(directory: str | Path) -> list[Path]:

@@ -108,10 +108,19 @@ def score(mode: str, model, stream, counter: ByteCounter, *, cfg: EvalConfig, tt
             "ttt": asdict(ttt)}
 
 
+def score_files(mode: str, model, shards: Path, tokenizer: Path, spec: dict, *, cfg: EvalConfig,
+                dist: distributed.Dist) -> dict:
+    """`score` on a shard folder's val stream, its bytes as BPB divides by them (the CaseOps
+    sidecar or the tokenizer's tables) and the TTT slices of `spec`."""
+    counter = byte_counter(shards, tokenizer, model.cfg.vocab_size)
+    return score(mode, model, val_stream(shards), counter, cfg=cfg,
+                 ttt=section(TTTConfig, spec.get("ttt"), "ttt"), dist=dist,
+                 lora=section(LoRATTTConfig, spec.get("lora_ttt"), "lora_ttt"),
+                 bos=load_tokenizer(tokenizer).bos_id())
+
+
 def run_eval(args, spec: dict, dist: distributed.Dist) -> dict:
     cfg = section(EvalConfig, spec.get("eval"), "eval")
-    ttt = section(TTTConfig, spec.get("ttt"), "ttt")
-    lora = section(LoRATTTConfig, spec.get("lora_ttt"), "lora_ttt")
     if cfg.nproc != dist.world:
         raise ValueError(f"eval.nproc={cfg.nproc} but {dist.world} processes were started")
     source = args.model if args.mode == "prequant" else args.artifact
@@ -122,10 +131,7 @@ def run_eval(args, spec: dict, dist: distributed.Dist) -> dict:
     model.to(dist.device).eval()
     if cfg.compile:
         model.compile(dynamic=False)
-    counter = byte_counter(args.shards, args.tokenizer, model.cfg.vocab_size)
-    bos = load_tokenizer(args.tokenizer).bos_id()
-    result = score(args.mode, model, val_stream(args.shards), counter, cfg=cfg, ttt=ttt,
-                   dist=dist, lora=lora, bos=bos)
+    result = score_files(args.mode, model, args.shards, args.tokenizer, spec, cfg=cfg, dist=dist)
     if not math.isfinite(result["loss"]):
         raise ValueError(f"{source}: non-finite {args.mode} loss {result['loss']}")
     result = {"mode": args.mode, "source": str(source), **result,

@@ -5,17 +5,18 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from pgolf.config import section
 from pgolf.io import atomic_path
 from pgolf.model.gpt import GPT, GPTConfig
 
+# safetensors is imported where used: the exported train_gpt.py ships this module without it.
 FORMAT = "pgolf-model-v1"
 
 
 def save_model(path: Path, model: GPT, **meta) -> None:
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     header = {"format": FORMAT, "config": json.dumps(asdict(model.cfg)),
               **{k: json.dumps(v) for k, v in meta.items()}}
@@ -24,6 +25,8 @@ def save_model(path: Path, model: GPT, **meta) -> None:
 
 
 def read_header(path: Path) -> dict:
+    from safetensors import safe_open
+
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"model {path}: no such file")
@@ -46,6 +49,8 @@ def read_config(path: Path) -> tuple[GPTConfig, bool]:
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> GPT:
     """Rebuild the GPT from the config in the file's header and load its weights (strict)."""
+    from safetensors.torch import load_file
+
     cfg, looping = read_config(path)
     model = GPT(cfg)
     model.load_state_dict(load_file(str(path)))

@@ -32,8 +32,8 @@ from pgolf.io import write_json
 from pgolf.model.checkpoint import read_config
 from pgolf.model.config import GPTConfig, quantizable_matrices
 from pgolf.provenance import Provenance
-from pgolf.quant.artifact import LQER_MODULE, Quantized, pack_artifact, quantized_bytes
-from pgolf.quant.codebytes import CHALLENGE_BYTES, code_bytes, model_code
+from pgolf.quant.artifact import Quantized, pack_artifact, quantized_bytes
+from pgolf.quant.codebytes import CHALLENGE_BYTES
 
 POLICIES = ("uniform", "rd")
 MAX_BUCKETS = 1 << 20  # the DP's table is tensors x buckets int8: ~70 MB for the record model
@@ -208,7 +208,7 @@ def placeholder_fixed_bytes(model_path: Path, bits: dict[str, int]) -> int:
 
 
 def budget_bytes(cfg: RDConfig, model_path: Path, curves: dict, reference: dict | None, *,
-                 limit_bytes: int) -> dict:
+                 limit_bytes: int, code_bytes: int | None = None) -> dict:
     """The artifact bytes rd may spend and the fixed bytes outside the quantized tensors."""
     name = cfg.reference()
     if name:
@@ -229,10 +229,10 @@ def budget_bytes(cfg: RDConfig, model_path: Path, curves: dict, reference: dict 
     most = {n: max(b for b, _ in options) for n, options in curves.items()}
     fixed = placeholder_fixed_bytes(model_path, most)
     if cfg.budget == "challenge":
-        # with LQER options, the decoder may need lqer.py: counted whether or not rd picks one
-        lqer = (LQER_MODULE.replace(".", "/") + ".py",) if lqer_measured(curves) else ()
-        kernels = read_config(model_path)[0].kernels
-        code = code_bytes(extra=lqer + model_code(kernels))["bytes"]
+        if code_bytes is None:
+            raise ValueError("allocate.rd.budget = 'challenge' needs the code bytes "
+                             "(pgolf.quant.codebytes)")
+        code = code_bytes
         total, source = limit_bytes - code, f"{limit_bytes:,} B limit - {code:,} B code"
     else:
         total, source = int(cfg.budget), "config"
@@ -242,7 +242,7 @@ def budget_bytes(cfg: RDConfig, model_path: Path, curves: dict, reference: dict 
 
 def build_allocation(model_path: Path, sensitivity: Path, policy: str, out: Path, *,
                      cfg: UniformConfig | RDConfig, reference: dict | None = None,
-                     limit_bytes: int = CHALLENGE_BYTES,
+                     limit_bytes: int = CHALLENGE_BYTES, code_bytes: int | None = None,
                      provenance: Provenance | None = None) -> dict:
     """The allocation stage: bits and clip per tensor, the budget, and the predictions."""
     model, _ = read_config(model_path)
@@ -255,7 +255,8 @@ def build_allocation(model_path: Path, sensitivity: Path, policy: str, out: Path
         choice = lqer_top_k({n: (b, 0) for n, b in bits.items()}, curves, cfg.lqer_top_k)
         budget, fixed = None, placeholder_fixed_bytes(model_path, bits)
     elif policy == "rd":
-        budget = budget_bytes(cfg, model_path, curves, reference, limit_bytes=limit_bytes)
+        budget = budget_bytes(cfg, model_path, curves, reference, limit_bytes=limit_bytes,
+                              code_bytes=code_bytes)
         fixed = budget["fixed_bytes"]
         choice = rd_choice(curves, budget["bytes"] - fixed, cfg.resolution_bytes)
     else:

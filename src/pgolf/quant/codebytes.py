@@ -1,37 +1,26 @@
-"""What counts as code bytes, counted as the records count theirs (torch-free: the DAG reads it).
+"""What counts as code bytes: the size of the exported records/ train_gpt.py (torch-free: the DAG
+reads it).
 
-Code bytes are the source a submission needs to decode the artifact and evaluate it: the import
-closure of the artifact reader, the model and the BPB evaluation, bundled, compressed with
-brotli-11, base85-encoded and wrapped in a two-line `exec` loader, as the upstream SOTA record
-counts its code (it also minifies first, so this count is, if anything, high).
+A submission's code is the one train_gpt.py the submission stage writes (pgolf.bundle: the
+standalone program's import closure, LZMA + base85 in a self-extracting wrapper, as R0409 ships
+its code). The file's allocation field has a fixed width, so the count is exact before any
+allocation exists: the DAG computes it once per build and hands the number to the allocation
+budget and the artifact stage's size gate, and the submission stage checks that the file it
+writes has exactly that size.
 """
 
-import base64
 from pathlib import Path
 
-import brotli
-
-from pgolf.codehash import import_closure
+from pgolf.bundle import render
 
 CHALLENGE_BYTES = 16_000_000  # artifact + code bytes must fit this
 SRC = Path(__file__).resolve().parents[2]  # the source tree this code runs from
-DECODER_ENTRY = ("pgolf/quant/artifact.py", "pgolf/model/gpt.py", "pgolf/eval/ttt.py")
-WRAPPER = "import base64,brotli\nexec(brotli.decompress(base64.b85decode({!r})))\n"
 
 
-def model_code(kernels: str) -> tuple[str, ...]:
-    """The entry modules a model imports by name: model.kernels: triton's fused kernels (TTT
-    trains with them, so they are evaluator code)."""
-    return ("pgolf/kernels/__init__.py",) if kernels == "triton" else ()
-
-
-def code_bytes(src: Path = SRC, extra: tuple[str, ...] = ()) -> dict:
-    """Counted bytes of the decoder/evaluator source (plus `extra` entry modules, such as an
-    optional codec the artifact uses), and the files they come from."""
+def code_bytes(spec: dict, *, names: list[str], src: Path = SRC) -> dict:
+    """Size of the train_gpt.py exported for `spec` (pgolf.bundle.render), the bytes of the
+    sources it embeds, and their files."""
     src = Path(src)
-    files = import_closure(*(src / e for e in (*DECODER_ENTRY, *extra)), src=src)
-    bundle = b"".join(f"# {f.relative_to(src)}\n".encode() + f.read_bytes() for f in files)
-    packed = base64.b85encode(brotli.compress(bundle, quality=11))
-    wrapper = WRAPPER.format(packed.decode()).encode()
-    return {"bytes": len(wrapper), "source_bytes": len(bundle),
-            "files": [str(f.relative_to(src)) for f in files]}
+    data, files = render(spec, None, names=names, src=src)
+    return {"bytes": len(data), "source_bytes": sum((src / f).stat().st_size for f in files),
+            "files": files}

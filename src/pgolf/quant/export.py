@@ -1,4 +1,4 @@
-"""From EMA weights and Hessians to the packed artifact: quantize, pack, count code bytes, gate."""
+"""From EMA weights and Hessians to the packed artifact: quantize, pack, gate on the code bytes."""
 
 import importlib
 import json
@@ -7,22 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from pgolf.io import write_json
 from pgolf.model.checkpoint import read_header
 from pgolf.provenance import Provenance
-from pgolf.quant.artifact import (
-    LQER_MODULE,
-    OPTIONAL_CODECS,
-    Encoded,
-    Quantized,
-    write_artifact,
-)
-from pgolf.quant.codebytes import CHALLENGE_BYTES, SRC, code_bytes, model_code
+from pgolf.quant.artifact import OPTIONAL_CODECS, Encoded, Quantized, write_artifact
+from pgolf.quant.codebytes import CHALLENGE_BYTES
 from pgolf.quant.codec import entropy_bound_bytes
 from pgolf.quant.gptq import GPTQConfig, dequantize, qmax
 from pgolf.quant.lqer import LQERConfig, correct
+
+# safetensors is imported where used: the exported train_gpt.py ships this module without it.
 
 
 def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor],
@@ -102,32 +97,44 @@ def size_gate(artifact: Path, info: dict, code: dict, cfg: PackConfig) -> None:
                      f"{total - cfg.limit_bytes:,} B; largest tensors: {top}")
 
 
+def encode_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor],
+                 bits: dict[str, int], clips: dict, *, gptq: GPTQConfig, pack: PackConfig,
+                 lqer: dict[str, int] | None = None, lqer_cfg: LQERConfig | None = None,
+                 where: str = "the allocation") -> dict:
+    """The artifact's tensors, in the checkpoint's order: block matrices through the optional
+    codec if one is configured, the other allocated tensors through GPTQ (with the LQER
+    corrections of rank lqer[name] listed), the rest as they are."""
+    lqer, optional = lqer or {}, {}
+    if pack.matrix_codec != "gptq" and any(n.startswith("blocks.") for n in lqer):
+        raise ValueError(f"pack.matrix_codec = {pack.matrix_codec!r}: LQER corrections "
+                         f"({where}) apply to GPTQ tensors only; use gptq or lqer.rank: 0")
+    if pack.matrix_codec != "gptq":
+        optional = encode_optional(state, hessians, bits, clips, codec=pack.matrix_codec,
+                                   gptq=gptq)
+    # GPTQ only what the optional codec did not take
+    plain = quantize_state(state, hessians, {n: b for n, b in bits.items() if n not in optional},
+                           gptq, clips, lqer=lqer, lqer_cfg=lqer_cfg)
+    return {n: optional.get(n, plain.get(n)) for n in state}
+
+
 def build_artifact(model: Path, hessians: Path, allocation: Path, out: Path, meta_out: Path, *,
-                   gptq: GPTQConfig, pack: PackConfig, lqer: LQERConfig | None = None,
-                   src: Path = SRC, provenance: Provenance | None = None) -> dict:
-    """The artifact stage: quantize per the allocation, pack, count, gate, write the breakdown."""
+                   gptq: GPTQConfig, pack: PackConfig, code: dict,
+                   lqer: LQERConfig | None = None,
+                   provenance: Provenance | None = None) -> dict:
+    """The artifact stage: quantize per the allocation, pack, gate on artifact + `code` bytes
+    (pgolf.quant.codebytes: the exported train_gpt.py's size), write the breakdown."""
+    from safetensors.torch import load_file
+
     alloc = json.loads(Path(allocation).read_text())
     bits = {k: int(v) for k, v in alloc["bits"].items()}
-    state, H, clips = load_file(str(model)), load_file(str(hessians)), alloc.get("clip_sigmas", {})
+    state, H = load_file(str(model)), load_file(str(hessians))
     corrected = {n: int(r) for n, r in alloc.get("lqer", {}).items()}
-    extra, optional = (), {}
-    if pack.matrix_codec != "gptq" and any(n.startswith("blocks.") for n in corrected):
-        raise ValueError(f"pack.matrix_codec = {pack.matrix_codec!r}: LQER corrections "
-                         f"({allocation}) apply to GPTQ tensors only; use gptq or lqer.rank: 0")
-    if pack.matrix_codec != "gptq":
-        optional = encode_optional(state, H, bits, clips, codec=pack.matrix_codec, gptq=gptq)
-        extra = (OPTIONAL_CODECS[pack.matrix_codec].replace(".", "/") + ".py",)
-    # GPTQ only what the optional codec did not take; the table keeps the checkpoint's order
-    plain = quantize_state(state, H, {n: b for n, b in bits.items() if n not in optional},
-                           gptq, clips, lqer=corrected, lqer_cfg=lqer)
-    tensors = {n: optional.get(n, plain.get(n)) for n in state}
-    if corrected:
-        extra += (LQER_MODULE.replace(".", "/") + ".py",)
+    tensors = encode_state(state, H, bits, alloc.get("clip_sigmas", {}), gptq=gptq, pack=pack,
+                           lqer=corrected, lqer_cfg=lqer, where=str(allocation))
     header = read_header(model)
     model_cfg = json.loads(header["config"])
     info = write_artifact(out, tensors, {"model": model_cfg,
                                          "looping": json.loads(header.get("looping", "false"))})
-    code = code_bytes(src, extra + model_code(model_cfg.get("kernels", "eager")))
     bound = sum(entropy_bound_bytes(t.codes.numpy().astype(np.int64) + qmax(t.bits))
                 for t in tensors.values() if isinstance(t, Quantized))
     codes_bytes = sum(info["breakdown"][n]["codes"] for n, t in tensors.items()

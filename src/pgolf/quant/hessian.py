@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
-from tqdm import tqdm
 
 from pgolf.data.loader import LoaderConfig, open_streams, to_batch
 from pgolf.io import atomic_path
@@ -21,6 +19,9 @@ from pgolf.model.checkpoint import load_model
 from pgolf.model.gpt import GPT, quantizable_matrices
 from pgolf.provenance import Provenance
 from pgolf.train.distributed import all_reduce, pick_device
+
+# safetensors and tqdm are imported where used: the exported train_gpt.py ships this module
+# without them.
 
 
 def _accumulate(sums: dict, counts: dict, name: str, x: torch.Tensor) -> None:
@@ -67,6 +68,8 @@ def collect_hessians(model: GPT, batches: Iterable[torch.Tensor], *,
 def save_hessians(path, hessians: dict[str, tuple[torch.Tensor, int]], meta: dict) -> None:
     """One fp32 tensor per matrix name; token counts and `meta` in the header (JSON strings)."""
     tensors = {name: H.contiguous() for name, (H, _) in hessians.items()}
+    from safetensors.torch import save_file
+
     header = {"tokens": json.dumps({name: n for name, (_, n) in hessians.items()}),
               **{k: json.dumps(v) for k, v in meta.items()}}
     with atomic_path(path) as tmp:
@@ -80,18 +83,28 @@ class HessianConfig:
     device: str = "auto"
 
 
-def build_hessians(model_path: Path, shard_dir: Path, out: Path, *, cfg: HessianConfig,
-                   seq_len: int, seed: int, provenance: Provenance | None = None) -> dict:
-    """The Hessians stage: calibrate on *training* windows (never validation), looping active."""
-    device = pick_device(cfg.device, "hessian.device")
-    model = load_model(model_path, device).eval()
+def calibrate(model: GPT, shard_dir: Path, *, cfg: HessianConfig, seq_len: int, seed: int,
+              device: torch.device, progress=lambda batches: batches) -> dict:
+    """collect_hessians on `cfg.batches` shuffled training batches (the stream seeded by `seed`),
+    with the model in eval mode and its layers looping as they will when evaluated."""
+    model.eval()
     model.looping = model.cfg.num_loops > 0  # calibrate the network that will be evaluated
     (stream,) = open_streams(LoaderConfig(sampler="shuffled", streams=1), shard_dir=shard_dir,
                              manifest=None, seq_len=seq_len, vocab_size=model.cfg.vocab_size,
                              seed=seed, streams=[0])
     batches = (to_batch(stream.draw(cfg.batch_seqs, 1.0), device)[0] for _ in range(cfg.batches))
-    hessians = collect_hessians(model, tqdm(batches, total=cfg.batches, desc="calibrate"),
-                                autocast=device.type == "cuda")
+    return collect_hessians(model, progress(batches), autocast=device.type == "cuda")
+
+
+def build_hessians(model_path: Path, shard_dir: Path, out: Path, *, cfg: HessianConfig,
+                   seq_len: int, seed: int, provenance: Provenance | None = None) -> dict:
+    """The Hessians stage: calibrate on *training* windows (never validation), looping active."""
+    from tqdm import tqdm
+
+    device = pick_device(cfg.device, "hessian.device")
+    hessians = calibrate(load_model(model_path, device), shard_dir, cfg=cfg, seq_len=seq_len,
+                         seed=seed, device=device,
+                         progress=lambda b: tqdm(b, total=cfg.batches, desc="calibrate"))
     meta = {"batches": cfg.batches, "batch_seqs": cfg.batch_seqs, "seq_len": seq_len,
             "provenance": provenance.record() if provenance else None}
     save_hessians(out, hessians, meta)

@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from pgolf.io import atomic_path, read_json, write_json
+
+# safetensors is imported where used: the exported train_gpt.py ships this module without it.
 
 
 def flatten(obj, tensors: dict, prefix: str = "t"):
@@ -38,6 +39,8 @@ def unflatten(obj, tensors: dict):
 
 
 def save_state(directory: Path, step: int, state: dict, *, keep: int = 1) -> None:
+    from safetensors.torch import save_file
+
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict = {}
     skeleton = flatten(state, tensors)
@@ -53,6 +56,8 @@ def save_state(directory: Path, step: int, state: dict, *, keep: int = 1) -> Non
 
 def load_state(directory: Path) -> dict | None:
     """The latest complete state in `directory`, or None."""
+    from safetensors.torch import load_file
+
     pointer = directory / "latest.json"
     if not pointer.exists():
         return None

@@ -18,8 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from pgolf.config import section
@@ -34,6 +32,8 @@ from pgolf.provenance import Provenance
 from pgolf.train import distributed
 from pgolf.train.checkpoint import load_state, save_state
 from pgolf.train.trainer import Run, TrainConfig, build_run, train_loop
+
+# pyarrow is imported where used: the exported train_gpt.py ships this module without it.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -191,6 +191,9 @@ def run_training(args, spec, model_cfg: GPTConfig, cfg: TrainConfig, dist) -> in
     if dist.main:
         save_model(args.model, run.model, seed=args.seed, step=run.step,
                    looping=run.model.looping)
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         pq.write_table(pa.Table.from_pylist(run.metrics), args.metrics)
         write_json(args.meta, summary(run, args, spec, timings, val, prov))
         shutil.rmtree(args.state_dir, ignore_errors=True)  # finished: the resume state is spent
