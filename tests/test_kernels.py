@@ -208,7 +208,7 @@ def test_code_bytes_count_the_kernels_only_when_the_model_uses_them():
     from pgolf.config import load_config
     from pgolf.quant.codebytes import SRC
 
-    spec = load_config(SRC / "config.yaml")  # the exported train_gpt.py embeds its closure
+    spec = load_config(SRC.parent / "config.yaml")  # train_gpt.py embeds its closure
     files = {k: {str(f.relative_to(SRC)) for f in closure(
         {**spec, "model": {**spec["model"], "kernels": k}}, SRC)} for k in ("eager", "triton")}
     kernels = {"pgolf/kernels/ops.py", "pgolf/kernels/mlp.py", "pgolf/kernels/softcap_ce.py"}

@@ -249,7 +249,8 @@ def test_export_applies_the_allocations_corrections_at_int7(tiny, tmp_path):
     lqer = LQERConfig(rank=2)
     summary = build_artifact(root / "model.safetensors", root / "hessians.safetensors",
                              tmp_path / "alloc.json", tmp_path / "a.pgz", tmp_path / "a.json",
-                             gptq=GPTQConfig(), pack=PackConfig(), lqer=lqer)
+                             gptq=GPTQConfig(), pack=PackConfig(), code={"bytes": 50_000},
+                             lqer=lqer)
     loaded, _ = read_artifact(tmp_path / "a.pgz")
     assert loaded["tok_emb.weight"].lqer.rank == 2 and loaded[names[0]].lqer.rank == 1
     assert loaded[names[1]].lqer is None and loaded["tok_emb.weight"].bits == 7
@@ -270,7 +271,8 @@ def test_export_applies_the_allocations_corrections_at_int7(tiny, tmp_path):
     with pytest.raises(ValueError, match="pack.matrix_codec = 'sparse24'"):
         build_artifact(root / "model.safetensors", root / "hessians.safetensors",
                        tmp_path / "alloc.json", tmp_path / "b.pgz", tmp_path / "b.json",
-                       gptq=GPTQConfig(), pack=PackConfig(matrix_codec="sparse24"), lqer=lqer)
+                       gptq=GPTQConfig(), pack=PackConfig(matrix_codec="sparse24"),
+                       code={"bytes": 50_000}, lqer=lqer)
 
 
 def test_sweep_measures_lqer_rows_only_when_on():

@@ -19,7 +19,6 @@ import torch
 
 from pgolf.bundle import decode_allocation
 from pgolf.config import section
-from pgolf.data.loader import open_streams
 from pgolf.data.manifest import ManifestConfig, assign_buckets
 from pgolf.data.scores import ScoresConfig, window_scores
 from pgolf.eval.run import EvalConfig, artifact_model, score_files
@@ -31,8 +30,8 @@ from pgolf.quant.gptq import GPTQConfig
 from pgolf.quant.hessian import HessianConfig, calibrate
 from pgolf.quant.lqer import LQERConfig
 from pgolf.train import distributed
-from pgolf.train.main import compile_warmup, progress_printer
-from pgolf.train.trainer import TrainConfig, build_run, train_loop
+from pgolf.train.main import compile_warmup, open_run, progress_printer
+from pgolf.train.trainer import TrainConfig, train_loop
 
 LABELS = {"roundtrip": "quantized", "sliding": "quantized_sliding_window", "ttt": "quantized_ttt",
           "phased_ttt": "quantized_ttt_phased"}
@@ -71,10 +70,7 @@ def train(spec: dict, seed: int, shards: Path, tokenizer: Path, dist):
                               vocab_size=model_cfg.vocab_size)
         log(dist, f"curriculum: {len(manifest['start'])} windows scored in "
                   f"{time.perf_counter() - start:.1f}s")
-    mine = list(range(dist.rank, cfg.loader.streams, dist.world))
-    streams = open_streams(cfg.loader, shard_dir=shards, manifest=manifest, seq_len=cfg.seq_len,
-                           vocab_size=model_cfg.vocab_size, seed=seed, streams=mine)
-    run = build_run(model_cfg, cfg, dist=dist, streams=streams, seed=seed)
+    run = open_run(model_cfg, cfg, dist=dist, shard_dir=shards, manifest=manifest, seed=seed)
     compile_warmup(run, cfg.compile_warmup_steps)
     train_loop(run, on_step=progress_printer(run, None))
     log(dist, f"train_time:{run.elapsed * 1000:.0f}ms step:{run.step}")

@@ -173,11 +173,8 @@ def run_training(args, spec, model_cfg: GPTConfig, cfg: TrainConfig, dist) -> in
                          f"model.bos_id={model_cfg.bos_id}")
     prov = Provenance(stage="train", config=spec, code=args.code,
                       inputs=[summary_path(args.shards), args.manifest, args.tokenizer])
-    mine = list(range(dist.rank, cfg.loader.streams, dist.world))
-    streams = open_streams(cfg.loader, shard_dir=args.shards, manifest=args.manifest,
-                           seq_len=cfg.seq_len, vocab_size=model_cfg.vocab_size, seed=args.seed,
-                           streams=mine)
-    run = build_run(model_cfg, cfg, dist=dist, streams=streams, seed=args.seed)
+    run = open_run(model_cfg, cfg, dist=dist, shard_dir=args.shards, manifest=args.manifest,
+                   seed=args.seed)
     key = fingerprint(args, spec)
     warmup_seconds = compile_warmup(run, cfg.compile_warmup_steps)
     resumed = try_resume(run, args.state_dir, key)
@@ -199,6 +196,16 @@ def run_training(args, spec, model_cfg: GPTConfig, cfg: TrainConfig, dist) -> in
         shutil.rmtree(args.state_dir, ignore_errors=True)  # finished: the resume state is spent
         print(f"val_bpb {val['model']['bpb']:.4f} (unigram {val['unigram']['bpb']:.4f})")
     return 0
+
+
+def open_run(model_cfg: GPTConfig, cfg: TrainConfig, *, dist, shard_dir: Path, manifest,
+             seed: int) -> Run:
+    """This rank's loader streams (each rank reads whole streams), the model and optimizers."""
+    mine = list(range(dist.rank, cfg.loader.streams, dist.world))
+    streams = open_streams(cfg.loader, shard_dir=shard_dir, manifest=manifest,
+                           seq_len=cfg.seq_len, vocab_size=model_cfg.vocab_size, seed=seed,
+                           streams=mine)
+    return build_run(model_cfg, cfg, dist=dist, streams=streams, seed=seed)
 
 
 def progress_printer(run: Run, resumed: int | None):
