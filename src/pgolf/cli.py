@@ -48,6 +48,21 @@ def import_model(checkpoint: str, configs: list[str], out: str) -> None:
     print(f"{out}: {params} parameters from {checkpoint} (looping {model.looping})")
 
 
+def grid_suggest(results: str, candidates: str, base_config: list[str] | None,
+                 policy: str | None, mode: str | None) -> None:
+    import yaml
+
+    from pgolf.config import load_config
+    from pgolf.eval.greedy import candidates_from, render, suggest
+    from pgolf.io import read_json
+
+    with open(candidates) as f:
+        spec = candidates_from(yaml.safe_load(f))
+    config = load_config(*base_config) if base_config else None
+    print(render(*suggest(read_json(results), spec, policy=policy, mode=mode,
+                          base_config=config)), end="")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pgolf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,12 +83,24 @@ def main(argv: list[str] | None = None) -> int:
                          help="pgolf config files (merged in order) whose model section and "
                          "tokenizer.vocab_size describe the checkpoint's model")
     imports.add_argument("--out", required=True)
+    grid = sub.add_parser("grid", help="work with a finished variant grid")
+    suggest = grid.add_subparsers(dest="grid_command", required=True).add_parser(
+        "suggest", help="print the next greedy one-at-a-time variant overlays as YAML")
+    suggest.add_argument("--results", required=True, help="the grid's variants.json")
+    suggest.add_argument("--candidates", required=True, help="YAML: a list of {key: value} "
+                         "mappings or a mapping key -> list of values (dotted keys)")
+    suggest.add_argument("--base-config", nargs="+", help="config files (merged in order) the "
+                         "candidate keys must exist in")
+    suggest.add_argument("--policy", help="policy to select on (default: the first)")
+    suggest.add_argument("--mode", help="eval mode to select on (default: the last one run)")
     args = parser.parse_args(argv)
     try:
         if args.command == "shard-info":
             shard_info(args.paths, args.bos_id)
         elif args.command == "audit":
             return audit(args.path, args.root)
+        elif args.command == "grid":
+            grid_suggest(args.results, args.candidates, args.base_config, args.policy, args.mode)
         elif args.command == "import":
             import_model(args.checkpoint, args.config, args.out)
         else:
