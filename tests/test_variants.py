@@ -140,6 +140,7 @@ def test_grid_suggest_prints_overlays_and_skips_tried(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "best a " in out and "Holm's step-down, m = 1): significant at 0.05" in out
     assert "skipped ttt.lr=0.01: already in a" in out
+    assert "# a+ttt.lr=0.02 replaces ttt.lr=0.01" in out
     printed = yaml.safe_load(out)
     assert printed == {"a+ttt.lr=0.02": {"ttt": {"lr": 0.02}},
                        "a+model.gate=true": {"ttt": {"lr": 0.01}, "model": {"gate": True}},

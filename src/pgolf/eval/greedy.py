@@ -98,7 +98,11 @@ def suggest(stats: dict, candidates: list, *, policy: str | None = None,
                                            for k, v in cand.items()):
             lines.append(f"# skipped {label(cand)}: the base config's value")
         else:
-            overlays[f"{best}+{label(cand)}"] = unflatten(merged)
+            name = f"{best}+{label(cand)}"
+            replaced = {k: flat_best[k] for k in cand if k in flat_best}
+            if replaced:  # forward selection may revisit a chosen key's value
+                lines.append(f"# {name} replaces {label(replaced)}")
+            overlays[name] = unflatten(merged)
     return "\n".join(lines), overlays
 
 
