@@ -122,7 +122,8 @@ def test_writers_round_trip_paths(tmp_path):
         str(s): pytest.approx(results["ab"][s]) for s in SEEDS}
     md = (tmp_path / "v.md").read_text()
     assert "Holm's step-down" in md and "m = 3" in md and "model.gate x ttt.lr" in md
-    assert "<table>" in (tmp_path / "v.html").read_text()
+    page = (tmp_path / "v.html").read_text()
+    assert page.count("<table>") == 4 and "<h2>int6 / ttt</h2>" in page
     with pytest.raises(ValueError, match="expected variants"):
         parse_path(tmp_path / "sliding.json")
 

@@ -219,5 +219,6 @@ def write_variant_statistics(eval_paths: list, overlays: dict, out: Path, table:
     text = markdown(stats)
     write_bytes(table, text.encode())
     if page is not None:
-        write_bytes(page, html_page(text).encode())
+        # html_page knows one heading level: each group's heading becomes one too
+        write_bytes(page, html_page(text.replace("\n## ", "\n# ")).encode())
     return stats
