@@ -127,3 +127,14 @@ def test_table_follows_the_rules():
         missing = {s for s in slices
                    if not any(s == r or s.startswith(f"{r}.") for r in reads)}
         assert not missing, f"rule {rule} reads {sorted(missing)}: add them to pgolf.grid.STAGES"
+
+
+def test_keys_only_for_the_configured_policies_and_modes():
+    configs = variant_configs(demo(lean={"allocate": {"policies": ["uniform"]},
+                                         "eval": {"modes": ["prequant", "roundtrip"]}}))
+    keys = stage_keys(configs["lean"])
+    assert not [name for name in keys if "rd" in name.split(":") or name.endswith("ttt")]
+    assert {"allocate:uniform", "eval:uniform:roundtrip", "eval:uniform:prequant"} <= set(keys)
+    base = stage_keys(configs["base"])
+    assert keys["allocate:uniform"] == base["allocate:uniform"]
+    assert keys["seeds"] != base["seeds"]

@@ -155,7 +155,9 @@ def stage_keys(config: dict, *, code_bytes: dict | None = None) -> dict[str, str
     """
     keys: dict[str, str] = {}
     policies, modes = config["allocate"]["policies"], config["eval"]["modes"]
-    names = [name for name in STAGES if "{policy}" not in name]
+    # allocate's policies have an entry each: only the configured ones
+    names = [name for name in STAGES if "{policy}" not in name
+             and _template(name)[1] in (None, *policies)]
     names += [name.format(policy=p) for name in STAGES if "{policy}" in name
               and name.split(":")[-1] in ("{policy}", *modes) for p in policies]
     for name in names:
