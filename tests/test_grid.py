@@ -1,6 +1,7 @@
 """The ablation grid: variant configs, per-stage keys, and the table against rules/*.smk."""
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -138,3 +139,26 @@ def test_keys_only_for_the_configured_policies_and_modes():
     base = stage_keys(configs["base"])
     assert keys["allocate:uniform"] == base["allocate:uniform"]
     assert keys["seeds"] != base["seeds"]
+
+
+def common_helper(name, config):
+    """A spec helper of rules/common.smk, run against `config` (it reads the global config)."""
+    import ast
+
+    tree = ast.parse((ROOT / "rules" / "common.smk").read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace = {"config": config, "json": json}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), "common.smk", "exec"), namespace)
+    return namespace[name]
+
+
+def test_eval_modes_read_what_eval_spec_passes():
+    config = variant_configs(demo())["base"]
+    eval_spec = common_helper("eval_spec", config)
+    for mode in ("prequant", "roundtrip", "sliding", "ttt", "phased_ttt"):
+        spec = json.loads(eval_spec(mode))
+        spec["eval.guard"] = spec.pop("guard", {})  # eval_spec passes eval.guard as `guard`
+        slices = {f"{section}.{key}" for section, values in spec.items() for key in values}
+        reads = STAGES[f"eval:{{policy}}:{mode}"].reads
+        missing = {s for s in slices if not any(s == r or s.startswith(f"{r}.") for r in reads)}
+        assert not missing, f"eval_spec({mode!r}) passes {sorted(missing)}"
