@@ -39,6 +39,7 @@ def test_functions_stay_short():
 
 def test_dag_build_does_not_import_torch():
     # rules/common.smk imports these on every snakemake call; torch would add ~1.5 s to each.
-    code = ("import sys, pgolf.codehash, pgolf.config, pgolf.model.config, pgolf.quant.codebytes;"
+    code = ("import sys, pgolf.codehash, pgolf.config, pgolf.grid, pgolf.model.config,"
+            " pgolf.quant.codebytes;"
             "assert 'torch' not in sys.modules, 'torch imported at DAG build'")
     subprocess.run([sys.executable, "-c", code], check=True)
