@@ -4,6 +4,7 @@ from pathlib import Path
 
 from pgolf.codehash import code_hash
 from pgolf.config import validate_config
+from pgolf.grid import variant_configs
 from pgolf.model.config import GPTConfig, quantizable_matrices
 from pgolf.bundle import model_code
 from pgolf.quant.codebytes import code_bytes
@@ -25,6 +26,7 @@ def check_config():
         )
     except ValueError as err:
         raise WorkflowError(f"invalid config: {err}") from None
+    check_variants()
     corpus = config["corpus"]
     if corpus["source"] in ("text", "jsonl", "shards") and not corpus["path"]:
         raise config_error(f"corpus.source={corpus['source']!r} needs corpus.path")
@@ -46,6 +48,23 @@ def check_config():
                 f"allocate.rd.budget = {budget!r} must name another policy in "
                 f"allocate.policies {allocate['policies']}"
             )
+
+
+def check_variants():
+    """`variants:` is validated (pgolf.grid), but the DAG does not run a grid yet: refuse it
+    plainly rather than run the base config alone."""
+    if not config["variants"]:
+        return
+    try:
+        configs = variant_configs(config, files=workflow.configfiles)
+    except ValueError as err:
+        raise config_error(str(err)) from None
+    names = [name for name in configs if name != "base"]
+    raise config_error(
+        f"variants {names}: valid, but the DAG does not run ablation grids yet (the stage "
+        "keys of pgolf.grid are not wired into the output paths); run each variant as its own "
+        "--configfile overlay with its own `run` name"
+    )
 
 
 def check_eval():

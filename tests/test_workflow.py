@@ -315,6 +315,12 @@ def test_bad_config_values_name_the_file_and_value(workflow, tmp_path):
     train = {**TINY_TRAIN, "nproc": 2, "loader": {"streams": 3}}
     text = failing_run(workflow, tiny_config(tmp_path / "d.jsonl", train=train))
     assert "train.nproc = 2 must divide train.loader.streams = 3" in text
+    grid = {"variants": {"fast": {"ttt": {"lr": 0.1}}, "bad": {"seeds": [3]}}}
+    text = failing_run(workflow, tiny_config(tmp_path / "d.jsonl", **grid))
+    assert "variants.bad.seeds = [3]" in text
+    grid["variants"].pop("bad")
+    text = failing_run(workflow, tiny_config(tmp_path / "d.jsonl", **grid))
+    assert "variants ['fast']: valid, but the DAG does not run ablation grids yet" in text
     assert not workflow.path("results").exists()
 
 
