@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pgolf.model.gpt import softcap
+
 
 class BatchedLoRA(nn.Module):
     """delta(x)[n] = (alpha / rank) x[n] A[n]^T B[n]^T for the n-th document's slice.
@@ -130,7 +132,5 @@ class Attached:
 def head_logits(model, hidden: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """The model's logits (`GPT.logits`) with `delta` added before the softcap, as the record adds
     its head adapter."""
-    weight = model.tok_emb.weight if model.lm_head is None else model.lm_head.weight
-    logits = F.linear(hidden, weight.to(hidden.dtype)).float() + delta.float()
-    cap = model.cfg.logit_softcap
-    return cap * torch.tanh(logits / cap) if cap else logits
+    return softcap(model.logits(hidden, capped=False).float() + delta.float(),
+                   model.cfg.logit_softcap)

@@ -23,6 +23,11 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap); cap 0 leaves the logits as they are."""
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
 def kernel(cfg: GPTConfig, name: str):
     """pgolf.kernels.<name> under model.kernels: triton (imported by name: counted only then)."""
     return getattr(importlib.import_module("pgolf.kernels"), name) \
@@ -310,9 +315,7 @@ class GPT(nn.Module):
         logits = F.linear(hidden, weight.to(hidden.dtype))
         if not capped:  # the fused loss caps them
             return logits
-        logits = logits.float()
-        cap = self.cfg.logit_softcap
-        return cap * torch.tanh(logits / cap) if cap else logits
+        return softcap(logits.float(), self.cfg.logit_softcap)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean") -> torch.Tensor:
